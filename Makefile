@@ -1,0 +1,62 @@
+# Scalable ML Workbench. Every target creates .venv on first use.
+#   make course     execute every notebook (full mode) into build/course/ with an index.html
+#   make test       ruff + unit tests + every notebook in quick mode under nbval
+#   make lab        JupyterLab on notebooks/ with the course's kernel
+#   make notebooks  re-execute the committed notebooks in place (full mode)
+#   make bench NAME=abstractions   run one benchmark and print its JSON
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Simulated CPU device counts the notebooks are tested with (chapters never assume one).
+NB_DEVICES ?= 8
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+NAME ?= abstractions
+
+.PHONY: setup test lint unit nbtest test-devices course notebooks lab bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+test: lint unit nbtest
+
+lint: $(STAMP)
+	$(BIN)/ruff check lib tests tools notebooks nbconvert_config.py
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests -n 2
+
+nbtest: $(STAMP)
+	@for n in $(NB_DEVICES); do \
+	  echo "== notebooks, quick mode, $$n simulated CPU device(s)"; \
+	  SCALELAB_QUICK=1 SCALELAB_CPU_DEVICES=$$n $(BIN)/python -m pytest \
+	    --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider \
+	    -n 2 --dist loadscope -o testpaths=notebooks $(NOTEBOOKS) || exit 1; \
+	done
+
+# The device-count sweep every chapter must pass (slower: one nbval run per count).
+test-devices:
+	$(MAKE) nbtest NB_DEVICES="1 2 4 8"
+
+course: $(STAMP)
+	SCALELAB_QUICK=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py $(NOTEBOOKS)
+	$(BIN)/python tools/course_index.py build/course $(NOTEBOOKS)
+
+notebooks: $(STAMP)
+	SCALELAB_QUICK=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py \
+	  --to notebook --inplace $(NOTEBOOKS)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks
+
+bench: $(STAMP)
+	$(BIN)/python -m scalelab.bench $(NAME) --json
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,253 @@
+"""Benchmark registry, timing helper and command line.
+
+    python -m scalelab.bench --list
+    python -m scalelab.bench NAME [--quick] [--json] [--out FILE] [--save]
+
+The registry maps a name to a ``"module:function"`` path, so the CLI imports only the
+benchmark it runs. A benchmark function takes ``quick: bool`` and returns a dict of
+measured figures; :func:`run` adds ``name``, ``device``, ``backend``, ``versions``,
+``quick`` and the date. Notebooks call the same functions, so a figure in a chapter and
+a figure from the CLI come from one code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scalelab import env, io
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    name: str
+    target: str  # "package.module:function"
+    description: str
+
+    def load(self) -> Callable[..., dict[str, Any]]:
+        module, _, func = self.target.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+REGISTRY: dict[str, Benchmark] = {}
+
+
+def register(name: str, target: str, description: str) -> None:
+    """Add a benchmark to the registry (``target`` is ``"module:function"``)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"benchmark names are lower_snake_case, got {name!r}")
+    if ":" not in target:
+        raise ValueError(f"benchmark target must look like 'module:function', got {target!r}")
+    REGISTRY[name] = Benchmark(name, target, description)
+
+
+# One line per chapter benchmark.
+register(
+    "abstractions",
+    "scalelab.abstractions:bench_abstractions",
+    "Chapter 00: dot product in pure Python vs NumPy vs jax.jit, time per element",
+)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call, one entry per repeat (each the mean of ``number`` calls)."""
+
+    times: tuple[float, ...]
+    number: int
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def spread(self) -> float:
+        """Relative spread (max - min) / median of the repeats."""
+        return (max(self.times) - min(self.times)) / self.median if self.median else 0.0
+
+
+def _block(out: Any) -> Any:
+    if "jax" in sys.modules:
+        import jax
+
+        return jax.block_until_ready(out)
+    return out
+
+
+def timeit(
+    fn: Callable[..., Any],
+    *args: Any,
+    repeat: int = 5,
+    number: int | None = None,
+    warmup: int = 1,
+    min_time: float = 0.02,
+    max_number: int = 100_000,
+) -> Timing:
+    """Time ``fn(*args)``, waiting for JAX results (asynchronous dispatch) on every call.
+
+    ``warmup`` calls run first (they include compilation for jitted functions). When
+    ``number`` is None it is chosen so one repeat lasts at least ``min_time`` seconds.
+    """
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f"repeat must be >= 1 and warmup >= 0, got {repeat}, {warmup}")
+    for _ in range(warmup):
+        _block(fn(*args))
+    if number is None:
+        number = 1
+        while number < max_number:
+            start = time.perf_counter()
+            for _ in range(number):
+                _block(fn(*args))
+            if time.perf_counter() - start >= min_time:
+                break
+            number *= 4
+    elif number < 1:
+        raise ValueError(f"number must be >= 1, got {number}")
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            _block(fn(*args))
+        times.append((time.perf_counter() - start) / number)
+    return Timing(tuple(times), number)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def host_info() -> dict[str, Any]:
+    """The machine: processor model, core count, operating system."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "os": platform.platform(terse=True)}
+
+
+def device_info() -> dict[str, Any]:
+    """The JAX runtime the benchmark ran on."""
+    info = env.describe()
+    return {
+        "device": info.device_kind,
+        "backend": info.backend,
+        "device_count": info.device_count,
+        "simulated_devices": info.simulated,
+        "host": host_info(),
+        "versions": info.versions,
+    }
+
+
+def run(name: str, quick: bool | None = None) -> dict[str, Any]:
+    """Run the benchmark ``name`` and return its result with provenance attached."""
+    if name not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY)) or "none"
+        raise KeyError(f"unknown benchmark {name!r}; registered: {known}")
+    quick = env.quick() if quick is None else bool(quick)
+    func = REGISTRY[name].load()
+    start = time.perf_counter()
+    metrics = func(quick=quick)
+    if not isinstance(metrics, dict):
+        raise TypeError(f"benchmark {name!r} returned {type(metrics).__name__}, expected dict")
+    result: dict[str, Any] = {"name": name, "quick": quick}
+    result.update(device_info())
+    result["date"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    result["wall_s"] = round(time.perf_counter() - start, 3)
+    clash = set(metrics) & set(result)
+    if clash:
+        raise ValueError(f"benchmark {name!r} returned reserved keys {sorted(clash)}")
+    result.update(metrics)
+    return result
+
+
+def result_path(result: dict[str, Any], directory: str | os.PathLike = "results") -> Path:
+    """``results/<name>-<device>[-quick].json``, the name a saved result gets."""
+    slug = re.sub(r"[^a-z0-9]+", "-", str(result["device"]).lower()).strip("-")
+    suffix = "-quick" if result.get("quick") else ""
+    return Path(directory) / f"{result['name']}-{slug}{suffix}.json"
+
+
+def save(result: dict[str, Any], directory: str | os.PathLike = "results") -> Path:
+    """Write a result atomically under ``directory`` and return its path."""
+    return io.write_json(result_path(result, directory), result)
+
+
+def load_results(name: str, directory: str | os.PathLike = "results") -> list[dict[str, Any]]:
+    """Every saved result of benchmark ``name`` (for overlaying other devices)."""
+    out = []
+    for path in sorted(Path(directory).glob(f"{name}-*.json")):
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if data.get("name") == name:
+            out.append(data)
+    return out
+
+
+def _format(result: dict[str, Any]) -> str:
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, dict | list):
+            value = json.dumps(value, default=io.to_jsonable)
+            if len(value) > 100:
+                value = value[:97] + "..."
+        lines.append(f"{key:>22}: {value}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m scalelab.bench", description="Run a Scalable ML Workbench benchmark."
+    )
+    parser.add_argument("name", nargs="?", help="benchmark to run (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the registered benchmarks")
+    parser.add_argument("--quick", action="store_true", help="small sizes (as in the tests)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--out", help="also write the JSON result to this file (atomically)")
+    parser.add_argument("--save", action="store_true", help="also write it under results/")
+    parser.add_argument(
+        "--cpu-devices", type=int, default=8, help="simulated CPU devices (default 8)"
+    )
+    args = parser.parse_args(argv)
+    if args.list:
+        for bench in sorted(REGISTRY.values(), key=lambda b: b.name):
+            print(f"{bench.name:<16} {bench.description}")
+        return 0
+    if not args.name:
+        parser.error("give a benchmark NAME or --list")
+    if args.name not in REGISTRY:
+        parser.error(f"unknown benchmark {args.name!r}; try --list")
+    env.setup(cpu_devices=args.cpu_devices, verbose=False)
+    result = run(args.name, quick=args.quick or env.quick())
+    if args.out:
+        io.write_json(args.out, result)
+    if args.save:
+        print(f"saved {save(result)}", file=sys.stderr)
+    print(json.dumps(result, indent=2, default=io.to_jsonable) if args.json else _format(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

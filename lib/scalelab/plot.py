@@ -1,0 +1,110 @@
+"""One figure style for the course; every figure says which device and mode made it."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+
+from scalelab import env
+
+DPI = 80
+STYLE: dict[str, Any] = {
+    "figure.dpi": DPI,
+    "savefig.dpi": DPI,
+    "figure.figsize": (6.4, 3.8),
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+    "font.size": 10,
+}
+
+
+def use_style() -> None:
+    """Apply the course style to every later figure."""
+    mpl.rcParams.update(STYLE)
+
+
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """Use the course style for the figures made inside the ``with`` block."""
+    with mpl.rc_context(STYLE):
+        yield
+
+
+def provenance(info: env.EnvInfo | None = None, source: str = "measured") -> str:
+    """The caption every figure carries, e.g. ``measured on 8 x cpu simulated (cpu), full mode``."""
+    info = info or env.describe()
+    return f"{source} on {info.label}"
+
+
+def figure(
+    ncols: int = 1, nrows: int = 1, width: float | None = None, height: float | None = None,
+    **kwargs: Any,
+) -> tuple[plt.Figure, Any]:
+    """A styled figure with ``nrows x ncols`` axes (sized by the number of panels)."""
+    use_style()
+    w = width or 4.6 * ncols
+    h = height or 3.4 * nrows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w, h), layout="constrained", **kwargs)
+    return fig, axes
+
+
+def label(fig: plt.Figure, info: env.EnvInfo | None = None, source: str = "measured") -> str:
+    """Write the device and mode under the figure's bottom-right corner; returns the text.
+
+    It is placed as the figure's ``supxlabel`` so the constrained layout makes room for it.
+    """
+    text = provenance(info, source)
+    fig.supxlabel(text, x=0.99, ha="right", fontsize=7, color="0.4")
+    return text
+
+
+def table(rows: Sequence[dict[str, Any]], floatfmt: str = ".3g") -> Table:
+    """Display a list of dicts as a table (HTML in Jupyter, aligned text elsewhere)."""
+    return Table(list(rows), floatfmt)
+
+
+class Table:
+    """A small table that renders as HTML in notebooks and as text in terminals."""
+
+    def __init__(self, rows: list[dict[str, Any]], floatfmt: str = ".3g"):
+        if not rows:
+            raise ValueError("table() needs at least one row")
+        self.rows = rows
+        self.columns: list[str] = []
+        for row in rows:
+            self.columns += [c for c in row if c not in self.columns]
+        self.floatfmt = floatfmt
+
+    def _cell(self, value: Any) -> str:
+        if isinstance(value, float):
+            return format(value, self.floatfmt)
+        return "" if value is None else str(value)
+
+    def __str__(self) -> str:
+        cells = [[self._cell(r.get(c)) for c in self.columns] for r in self.rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(self.columns)]
+        head = "  ".join(c.rjust(w) for c, w in zip(self.columns, widths, strict=True))
+        body = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+        return "\n".join([head, "  ".join("-" * w for w in widths), *body])
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(self._cell(r.get(c)))}</td>" for c in self.columns)
+            + "</tr>"
+            for r in self.rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,0 +1,22 @@
+"""The one place notebook execution settings live (used by `make course` and `make notebooks`).
+
+Check it is read with: jupyter nbconvert --config nbconvert_config.py --show-config
+"""
+
+c = get_config()  # noqa: F821  (provided by traitlets when nbconvert loads this file)
+
+# Execute every notebook top to bottom before exporting it.
+c.ExecutePreprocessor.enabled = True
+c.ExecutePreprocessor.timeout = 1800  # seconds per cell; full mode on 2 CPU cores
+c.ExecutePreprocessor.kernel_name = "python3"  # the kernel of the environment running nbconvert
+c.ExecutePreprocessor.allow_errors = False
+
+# Cells tagged "remove-cell" are dropped from the exported pages; "remove-input" keeps
+# only the output. (TagRemovePreprocessor runs before execution, so removed cells never run.)
+c.TagRemovePreprocessor.enabled = True
+c.TagRemovePreprocessor.remove_cell_tags = ("remove-cell",)
+c.TagRemovePreprocessor.remove_input_tags = ("remove-input",)
+
+# Default export: one HTML page per chapter under build/course/.
+c.NbConvertApp.export_format = "html"
+c.FilesWriter.build_directory = "build/course"
