@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from scalelab import bench
@@ -41,6 +42,14 @@ def test_run_adds_provenance():
     json.dumps(result)  # serialisable as is
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(bench.REGISTRY))
+def test_every_benchmark_runs_quick(name):
+    result = bench.run(name, quick=True)
+    assert REQUIRED <= set(result) and result["quick"] is True
+    json.dumps(result)
+
+
 def test_run_rejects_unknown_and_bad_results(monkeypatch):
     with pytest.raises(KeyError, match="unknown benchmark"):
         bench.run("nope")
@@ -57,11 +66,22 @@ def test_run_rejects_unknown_and_bad_results(monkeypatch):
 
 
 def test_save_and_load_results(tmp_path):
-    result = {"name": "demo", "device": "NVIDIA H100 80GB HBM3", "quick": False, "x": 1}
+    result = {"name": "demo", "device": "NVIDIA H100 80GB HBM3", "backend": "gpu", "quick": False}
     path = bench.save(result, tmp_path)
     assert path.name == "demo-nvidia-h100-80gb-hbm3.json"
     assert bench.load_results("demo", tmp_path) == [result]
-    assert bench.result_path({**result, "quick": True}, tmp_path).name.endswith("-quick.json")
+    quick = {**result, "quick": True}
+    assert bench.save(quick, tmp_path).name.endswith("-quick.json")
+    assert bench.load_results("demo", tmp_path) == [result]  # quick results left out
+    assert len(bench.load_results("demo", tmp_path, include_quick=True)) == 2
+    cpu = {"name": "demo", "device": "cpu", "backend": "cpu", "host": {"cpu": "AMD EPYC 9B14"}}
+    assert bench.result_path(cpu, tmp_path).name == "demo-cpu-amd-epyc-9b14.json"
+
+
+def test_results_dir_finds_the_checkout(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    assert bench.results_dir(root / "notebooks") == root / "results"
+    assert bench.results_dir(tmp_path) == tmp_path / "results"
 
 
 def _cli(*args):

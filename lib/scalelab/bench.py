@@ -59,6 +59,16 @@ register(
     "scalelab.abstractions:bench_abstractions",
     "Chapter 00: dot product in pure Python vs NumPy vs jax.jit, time per element",
 )
+register(
+    "hardware",
+    "scalelab.hardware:bench_hardware",
+    "Chapter 01: matmul FLOP/s sweep, estimated peak, memory bandwidth, fraction of peak",
+)
+register(
+    "systolic",
+    "scalelab.systolic:bench_systolic",
+    "Chapter 02: systolic-array simulator speed (PE-cycles/s) vs a per-PE Python loop",
+)
 
 
 # --------------------------------------------------------------------------- timing
@@ -86,9 +96,20 @@ class Timing:
 
 
 def _block(out: Any) -> Any:
-    if "jax" in sys.modules:
-        import jax
+    """Wait for JAX's asynchronous results: an array, or a small container of them.
 
+    Large Python containers (a list of a million floats from a pure-Python kernel) are
+    not walked: flattening them would cost more than the kernel being timed.
+    """
+    if "jax" not in sys.modules:
+        return out
+    import jax
+
+    if isinstance(out, jax.Array):
+        return out.block_until_ready()
+    if isinstance(out, tuple | list | dict) and len(out) <= 64:
+        return jax.block_until_ready(out)
+    if hasattr(out, "__jax_array__") or dataclasses.is_dataclass(out):
         return jax.block_until_ready(out)
     return out
 
@@ -183,22 +204,45 @@ def run(name: str, quick: bool | None = None) -> dict[str, Any]:
     return result
 
 
-def result_path(result: dict[str, Any], directory: str | os.PathLike = "results") -> Path:
+def results_dir(start: str | os.PathLike | None = None) -> Path:
+    """The repository's ``results/`` folder, found from ``start`` (default: the working
+    directory) upwards, so notebooks (run from ``notebooks/``) and the CLI agree.
+    Falls back to ``./results`` outside a checkout (e.g. on Colab)."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists() and (folder / "lib" / "scalelab").is_dir():
+            return folder / "results"
+    return here / "results"
+
+
+def device_slug(result: dict[str, Any]) -> str:
+    """A file-name-safe device name; CPUs are told apart by their model."""
+    name = str(result["device"])
+    if result.get("backend") == "cpu" and result.get("host", {}).get("cpu"):
+        name = f"cpu {result['host']['cpu']}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def result_path(result: dict[str, Any], directory: str | os.PathLike | None = None) -> Path:
     """``results/<name>-<device>[-quick].json``, the name a saved result gets."""
-    slug = re.sub(r"[^a-z0-9]+", "-", str(result["device"]).lower()).strip("-")
     suffix = "-quick" if result.get("quick") else ""
-    return Path(directory) / f"{result['name']}-{slug}{suffix}.json"
+    folder = Path(directory) if directory is not None else results_dir()
+    return folder / f"{result['name']}-{device_slug(result)}{suffix}.json"
 
 
-def save(result: dict[str, Any], directory: str | os.PathLike = "results") -> Path:
-    """Write a result atomically under ``directory`` and return its path."""
+def save(result: dict[str, Any], directory: str | os.PathLike | None = None) -> Path:
+    """Write a result atomically under ``directory`` (default :func:`results_dir`)."""
     return io.write_json(result_path(result, directory), result)
 
 
-def load_results(name: str, directory: str | os.PathLike = "results") -> list[dict[str, Any]]:
+def load_results(name: str, directory: str | os.PathLike | None = None,
+                 include_quick: bool = False) -> list[dict[str, Any]]:
     """Every saved result of benchmark ``name`` (for overlaying other devices)."""
+    folder = Path(directory) if directory is not None else results_dir()
     out = []
-    for path in sorted(Path(directory).glob(f"{name}-*.json")):
+    for path in sorted(folder.glob(f"{name}-*.json")):
+        if path.stem.endswith("-quick") and not include_quick:
+            continue
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
         if data.get("name") == name:
