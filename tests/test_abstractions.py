@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from scalelab import abstractions, data
 
 floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)

@@ -5,6 +5,7 @@ import types
 from pathlib import Path
 
 import pytest
+
 from scalelab import bench
 
 REQUIRED = {"name", "device", "backend", "versions", "quick"}

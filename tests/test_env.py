@@ -5,6 +5,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
 from scalelab import env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pytest
+
 from scalelab import env, plot
 
 
