@@ -65,6 +65,11 @@ register(
     "Chapter 01: matmul FLOP/s sweep, estimated peak, memory bandwidth, fraction of peak",
 )
 register(
+    "storage",
+    "scalelab.data:bench_storage",
+    "Chapter 03: HDF5 layouts (contiguous, chunked, lzf, gzip) and .npy memmap: size, write, reads",
+)
+register(
     "systolic",
     "scalelab.systolic:bench_systolic",
     "Chapter 02: systolic-array simulator speed (PE-cycles/s) vs a per-PE Python loop",

@@ -108,3 +108,29 @@ class Table:
             for r in self.rows
         )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def image_grid(images, ncols: int, row_labels: Sequence[str] | None = None,
+               cmap: str = "gray_r", cell: float = 0.55, title: str | None = None):
+    """Show images (N x H x W or N x H x W x 3) in a grid, ``ncols`` per row."""
+    import numpy as np
+
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or len(images) == 0:
+        raise ValueError(f"image_grid needs N x H x W (x 3) images, got shape {images.shape}")
+    nrows = -(-len(images) // ncols)
+    use_style()
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell + 0.6, nrows * cell + 0.4),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        if i < len(images):
+            ax.imshow(images[i], cmap=None if images.ndim == 4 else cmap)
+        if row_labels is not None and i % ncols == 0 and i // ncols < len(row_labels):
+            ax.set_ylabel(row_labels[i // ncols], rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
