@@ -70,6 +70,11 @@ register(
     "Chapter 03: HDF5 layouts (contiguous, chunked, lzf, gzip) and .npy memmap: size, write, reads",
 )
 register(
+    "pipeline",
+    "scalelab.pipeline:bench_pipeline",
+    "Chapter 04: sequential vs overlapped input pipeline vs Grain, overlap efficiency",
+)
+register(
     "systolic",
     "scalelab.systolic:bench_systolic",
     "Chapter 02: systolic-array simulator speed (PE-cycles/s) vs a per-PE Python loop",

@@ -89,6 +89,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def requested_cpu_devices(default: int) -> int:
     """The simulated CPU device count: ``SCALELAB_CPU_DEVICES`` overrides ``default``."""
     raw = os.environ.get(CPU_DEVICES_ENV, "").strip()

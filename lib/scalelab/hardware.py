@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import platform
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -68,10 +67,7 @@ def cpu_info(cpuinfo_text: str | None = None) -> CpuInfo:
         family = int(fields["cpu family"]) if "cpu family" in fields else None
     except ValueError:
         family = None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
+    cores = env.cpu_cores()
     return CpuInfo(
         model=fields.get("model name") or platform.processor() or platform.machine(),
         vendor=fields.get("vendor_id", ""),

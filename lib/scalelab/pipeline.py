@@ -1,0 +1,815 @@
+"""Chapter 04: input pipelines that overlap extraction, transformation and loading.
+
+Three stages, each on the resource it uses:
+
+- **extract**: contiguous batch reads from an HDF5 store (chapter 03), sharded by process;
+- **transform**: image augmentation on the CPU (crop, flip, rotate, resize, grayscale),
+  optionally in worker processes (h5py and NumPy hold locks, so threads do not scale);
+- **load**: transfer to the devices, sharded over a mesh when there are several.
+
+:class:`Pipeline` overlaps them with bounded queues, records a per-batch timeline,
+propagates worker errors with their original traceback within a bounded time, stops its
+workers on exit or interrupt, and saves/restores its position for exact resume. Grain is
+measured beside it as the well-kept peer.
+
+This module imports JAX lazily so that worker processes start quickly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# --------------------------------------------------------------------------- timeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    stage: str  # extract, transform, load, compute
+    lane: str  # the thread or process that did the work
+    batch: int
+    start: float  # time.perf_counter() (CLOCK_MONOTONIC on Linux: comparable across processes)
+    end: float
+
+
+class Timeline:
+    """Thread-safe record of which stage worked on which batch, where and when."""
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+        self._lock = threading.Lock()
+
+    def record(self, stage: str, lane: str, batch: int, start: float, end: float) -> None:
+        with self._lock:
+            self._events.append(Event(stage, lane, batch, start, end))
+
+    def extend(self, events: Sequence[Event]) -> None:
+        with self._lock:
+            self._events.extend(events)
+
+    @property
+    def events(self) -> list[Event]:
+        with self._lock:
+            return sorted(self._events, key=lambda e: e.start)
+
+    def durations(self) -> dict[str, list[float]]:
+        """Every recorded duration, by stage."""
+        by: dict[str, list[float]] = {}
+        for e in self.events:
+            by.setdefault(e.stage, []).append(e.end - e.start)
+        return by
+
+    def mean_seconds(self) -> dict[str, float]:
+        """Mean duration of each stage per batch."""
+        return {k: float(np.mean(v)) for k, v in self.durations().items()}
+
+    def median_seconds(self) -> dict[str, float]:
+        """Median duration of each stage per batch (robust to a few disturbed batches)."""
+        return {k: float(np.median(v)) for k, v in self.durations().items()}
+
+
+@contextlib.contextmanager
+def _timed(timeline: Timeline | None, stage: str, lane: str, batch: int):
+    start = time.perf_counter()
+    yield
+    if timeline is not None:
+        timeline.record(stage, lane, batch, start, time.perf_counter())
+
+
+STAGE_COLORS = {"extract": "C0", "transform": "C1", "load": "C2", "compute": "C3"}
+
+
+def plot_timeline(timeline: Timeline, title: str, info=None, ax=None):
+    """A Gantt chart: one row per thread/process, one bar per (stage, batch)."""
+    from scalelab import plot
+
+    events = timeline.events
+    if not events:
+        raise ValueError("the timeline is empty")
+    t0 = events[0].start
+    # worker processes are named by pid; show them as worker 1, 2, ... in order of appearance
+    workers = list(dict.fromkeys(e.lane for e in events if e.lane.startswith("worker ")))
+    rename = {w: f"worker {i + 1}" for i, w in enumerate(workers)}
+    events = [dataclasses.replace(e, lane=rename.get(e.lane, e.lane)) for e in events]
+    lanes = sorted({e.lane for e in events}, key=lambda s: (s != "main", s))
+    fig = None
+    if ax is None:
+        fig, ax = plot.figure(width=9, height=0.5 * len(lanes) + 1.6)
+    for e in events:
+        y = lanes.index(e.lane)
+        ax.barh(y, (e.end - e.start) * 1e3, left=(e.start - t0) * 1e3, height=0.7,
+                color=STAGE_COLORS.get(e.stage, "0.5"), edgecolor="white", linewidth=0.3)
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.invert_yaxis()
+    ax.set_xlabel("time (ms)")
+    ax.set_title(title, fontsize=10, loc="left")
+    handles = [plot.plt.Rectangle((0, 0), 1, 1, color=c) for c in STAGE_COLORS.values()]
+    ax.legend(handles, list(STAGE_COLORS), loc="lower right", bbox_to_anchor=(1.0, 1.0),
+              ncols=4, fontsize=7)
+    if fig is not None:
+        plot.label(fig, info)
+    return fig or ax.figure
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def make_patch_store(path, rows: int, size: int = 64, seed: int = 0) -> Path:
+    """An HDF5 store of ``rows`` RGB photo patches (chapter 03's data), contiguous layout."""
+    from scalelab import data
+
+    x = data.photo_patches(rows, size, seed=seed)
+    return data.write_store(path, {"x": x}, provenance=f"{rows} random {size}x{size} crops of "
+                            "scikit-learn's sample photos", version="1")
+
+
+class HDF5Batches:
+    """Contiguous batches of one HDF5 dataset, sharded across processes.
+
+    Batch ``b`` is rows ``b*batch_size:(b+1)*batch_size``; this process owns the batches
+    ``b`` with ``b % process_count == process_index``, so hosts read disjoint data. The
+    file is opened lazily in whichever process reads, so the object pickles (h5py
+    handles do not).
+    """
+
+    def __init__(self, path, batch_size: int, name: str = "x",
+                 process_index: int = 0, process_count: int = 1, shuffle: bool = True):
+        from scalelab import data
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.name = name
+        self.process_index = process_index
+        self.process_count = process_count
+        self.shuffle = shuffle
+        with data.Store(self.path) as store:  # fail early on a missing or bad file
+            if name not in store.schema:
+                raise ValueError(f"{self.path} has no dataset {name!r}; it has {sorted(store.schema)}")
+            self.rows = len(store)
+        self.total_batches = self.rows // batch_size
+        self.batches = list(range(process_index, self.total_batches, process_count))
+        self._store = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def order(self, epoch: int, seed: int) -> list[int]:
+        """This shard's batch ids for ``epoch``: shuffled by (seed, epoch) at batch level."""
+        if not self.shuffle:
+            return list(self.batches)
+        rng = np.random.default_rng([seed, epoch])
+        return [self.batches[i] for i in rng.permutation(len(self.batches))]
+
+    def read(self, batch: int) -> np.ndarray:
+        from scalelab import data
+
+        if self._store is None:
+            self._store = data.Store(self.path)
+        lo = batch * self.batch_size
+        return self._store.read(lo, lo + self.batch_size, (self.name,))[self.name]
+
+
+class HDF5Records:
+    """Single rows of one HDF5 dataset, for record-level loaders such as Grain."""
+
+    def __init__(self, path, name: str = "x"):
+        from scalelab import data
+
+        self.path = Path(path)
+        self.name = name
+        with data.Store(self.path) as store:
+            self.rows = len(store)
+        self._store = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        from scalelab import data
+
+        if self._store is None:
+            self._store = data.Store(self.path)
+        return self._store.row(int(index), self.name)
+
+
+# --------------------------------------------------------------------------- transform
+
+
+def resize_weights(size_in: int, size_out: int) -> np.ndarray:
+    """Bilinear interpolation as a (size_out x size_in) matrix (align-corners convention)."""
+    if size_in < 1 or size_out < 1:
+        raise ValueError(f"sizes must be >= 1, got {size_in}, {size_out}")
+    w = np.zeros((size_out, size_in), dtype=np.float32)
+    pos = np.linspace(0, size_in - 1, size_out) if size_out > 1 else np.zeros(1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, size_in - 1)
+    frac = (pos - lo).astype(np.float32)
+    w[np.arange(size_out), lo] += 1 - frac
+    w[np.arange(size_out), hi] += frac
+    return w
+
+
+GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Random crop, horizontal flip, rotation by k x 90 degrees, bilinear resize, grayscale.
+
+    Random choices depend only on (seed, epoch, batch id), so any batch can be
+    reproduced exactly — the basis of deterministic order and exact resume.
+    """
+
+    crop: int = 56
+    out: int = 64
+    seed: int = 0
+
+    def params(self, n: int, size_in: int, epoch: int, batch: int) -> dict[str, np.ndarray]:
+        if self.crop > size_in:
+            raise ValueError(f"crop {self.crop} is larger than the images ({size_in})")
+        rng = np.random.default_rng([self.seed, epoch, batch])
+        return {
+            "top": rng.integers(0, size_in - self.crop + 1, n),
+            "left": rng.integers(0, size_in - self.crop + 1, n),
+            "flip": rng.random(n) < 0.5,
+            "k": rng.integers(0, 4, n),
+        }
+
+    def numpy(self, images: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+        """The augmentation on the CPU with NumPy: (n, H, W, 3) uint8 -> (n, out, out) float32."""
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+            raise ValueError(f"expected square RGB images (n, H, H, 3), got {images.shape}")
+        c = self.crop
+        crops = np.empty((len(images), c, c, 3), dtype=np.float32)
+        for i, img in enumerate(images):
+            t, left = params["top"][i], params["left"][i]
+            patch = img[t:t + c, left:left + c]
+            if params["flip"][i]:
+                patch = patch[:, ::-1]
+            crops[i] = np.rot90(patch, params["k"][i])
+        w = resize_weights(c, self.out)
+        resized = np.einsum("oh,nhwc,pw->nopc", w, crops, w, optimize=True)
+        return (resized @ GRAY) / np.float32(255.0)
+
+    def __call__(self, images: np.ndarray, epoch: int, batch: int) -> np.ndarray:
+        """Augment one batch and return it as uint8 (0..255).
+
+        Batches travel between processes and to the devices as uint8, four times fewer
+        bytes than float32; the training step rescales them on the device.
+        """
+        x = self.numpy(images, self.params(len(images), images.shape[1], epoch, batch))
+        return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def augment_jax(images, params: dict[str, Any], crop: int, out: int):
+    """The same augmentation with JAX, vmapped over the batch (runs on the accelerator)."""
+    import jax
+    import jax.numpy as jnp
+
+    w = jnp.asarray(resize_weights(crop, out))
+    gray = jnp.asarray(GRAY)
+
+    def one(img, top, left, flip, k):
+        patch = jax.lax.dynamic_slice(img.astype(jnp.float32), (top, left, 0), (crop, crop, 3))
+        patch = jnp.where(flip, patch[:, ::-1], patch)
+        patch = jax.lax.switch(k, [lambda p, r=r: jnp.rot90(p, r) for r in range(4)], patch)
+        resized = jnp.einsum("oh,hwc,pw->opc", w, patch, w)
+        return (resized @ gray) / 255.0
+
+    return jax.vmap(one)(images, params["top"], params["left"], params["flip"], params["k"])
+
+
+@dataclasses.dataclass(frozen=True)
+class FailingAugment(Augment):
+    """An :class:`Augment` that raises on batch ``fail_at``: for demonstrating (and testing)
+    how a pipeline reports a failure in a worker."""
+
+    fail_at: int = 3
+
+    def __call__(self, images: np.ndarray, epoch: int, batch: int) -> np.ndarray:
+        if batch == self.fail_at:
+            raise RuntimeError(f"augmentation failed on batch {batch} (injected fault)")
+        return super().__call__(images, epoch, batch)
+
+
+def _transform_task(batch: int) -> int:
+    _WORKER["augment"](_WORKER["source"].read(batch), 0, batch)
+    return batch
+
+
+def _row_read_task(batch: int) -> int:
+    source = _WORKER["source"]
+    if "records" not in _WORKER:
+        _WORKER["records"] = HDF5Records(source.path, source.name)
+    records = _WORKER["records"]
+    for i in range(batch * source.batch_size, (batch + 1) * source.batch_size):
+        records[i]
+    return batch
+
+
+SCALING_TASKS = {"augment": _transform_task, "row reads": _row_read_task}
+
+
+def transform_scaling(source: HDF5Batches, augment: Augment, batches: int,
+                      workers: int, kind: str, task: str = "augment") -> float:
+    """Seconds per batch of ``task`` with ``workers`` threads or processes (``kind``).
+
+    ``task``: "augment" (read a batch, augment it: mostly NumPy array work) or "row reads"
+    (read the batch's rows one by one: many small h5py calls). Pool start-up is excluded,
+    and NumPy's BLAS is limited to one thread, so the parallelism measured is the pool's."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    if kind not in ("thread", "process"):
+        raise ValueError(f"kind must be 'thread' or 'process', got {kind!r}")
+    if task not in SCALING_TASKS:
+        raise ValueError(f"task must be one of {sorted(SCALING_TASKS)}, got {task!r}")
+    fn = SCALING_TASKS[task]
+    ids = source.batches[:batches]
+    if kind == "thread":
+        _init_worker(source, augment, limit_threads=False)  # threads share this process's state
+        pool = ThreadPoolExecutor(workers)
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(source, augment))
+    with threadpool_limits(1), pool:
+        list(pool.map(fn, ids[:workers]))  # start-up, first file open
+        start = time.perf_counter()
+        list(pool.map(fn, ids))
+        return (time.perf_counter() - start) / len(ids)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def make_loader(devices: Sequence[Any] | None = None) -> Callable[[np.ndarray], Any]:
+    """Return ``load(batch)``: host -> devices, split along the batch axis over a 1-D mesh.
+
+    With one device it is a plain ``device_put``. The returned array is ready (the
+    transfer is waited for), so the time of this stage is the transfer's.
+    """
+    import jax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devices = list(devices or jax.devices())
+    if len(devices) == 1:
+        target: Any = devices[0]
+    else:
+        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,),
+                             devices=devices)
+        target = NamedSharding(mesh, P("data"))
+
+    def load(batch: np.ndarray):
+        if len(devices) > 1 and batch.shape[0] % len(devices):
+            raise ValueError(f"batch of {batch.shape[0]} cannot be split over {len(devices)} devices")
+        return jax.device_put(batch, target).block_until_ready()
+
+    return load
+
+
+def emulated_step(seconds: float) -> Callable[[Any], None]:
+    """Stand-in for an accelerator training step that takes ``seconds``.
+
+    On a CPU-only machine the "accelerator" would be the very cores the pipeline runs on,
+    so a real step would measure core contention, not pipelining. A sleeping step models
+    a device busy with its own work while the host prepares data; on a GPU or TPU use a
+    real jitted step instead.
+    """
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds}")
+
+    def step(batch) -> None:
+        time.sleep(seconds)
+
+    return step
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def _produce(source: HDF5Batches, augment: Augment, epoch: int, batch: int):
+    """Extract + transform one batch (runs in a worker process or a thread)."""
+    lane = f"worker {os.getpid()}" if multiprocessing.parent_process() else "producer"
+    t0 = time.perf_counter()
+    raw = source.read(batch)
+    t1 = time.perf_counter()
+    out = augment(raw, epoch, batch)
+    t2 = time.perf_counter()
+    return out, [Event("extract", lane, batch, t0, t1), Event("transform", lane, batch, t1, t2)]
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(source: HDF5Batches, augment: Augment, limit_threads: bool = True) -> None:
+    """Runs once per worker process: keep the source (and its open file) for every task,
+    and limit NumPy's BLAS to one thread — the parallelism comes from the processes, and
+    several multi-threaded workers on the same cores only get in each other's way."""
+    from threadpoolctl import threadpool_limits
+
+    _WORKER["source"], _WORKER["augment"] = source, augment
+    _WORKER.pop("records", None)
+    if limit_threads:  # for the life of the worker process
+        _WORKER["limits"] = threadpool_limits(1)
+
+
+def _produce_in_worker(epoch: int, batch: int):
+    return _produce(_WORKER["source"], _WORKER["augment"], epoch, batch)
+
+
+def run_sequential(source: HDF5Batches, augment: Augment, load, step, batches: int,
+                   epoch: int = 0, timeline: Timeline | None = None) -> float:
+    """Extract, transform, load and compute one batch after another; returns seconds."""
+    order = source.order(epoch, augment.seed)[:batches]
+    start = time.perf_counter()
+    for b in order:
+        with _timed(timeline, "extract", "main", b):
+            raw = source.read(b)
+        with _timed(timeline, "transform", "main", b):
+            x = augment(raw, epoch, b)
+        with _timed(timeline, "load", "main", b):
+            dev = load(x)
+        with _timed(timeline, "compute", "main", b):
+            step(dev)
+    return time.perf_counter() - start
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+class Pipeline:
+    """Overlapped extract -> transform -> load, consumed by the training loop.
+
+    - ``workers=0``: one producer thread extracts and transforms; ``workers=n``: ``n``
+      worker processes do, ``prefetch`` batches ahead, results kept in order;
+    - a loader thread transfers the next batches to the devices while the consumer
+      computes on the current one;
+    - an exception in any stage is re-raised in the consumer, as the same exception
+      object (a worker's carries its original traceback as ``__cause__``); a stage
+      that produces nothing for ``timeout`` seconds raises TimeoutError;
+    - ``close()`` (also on ``with`` exit, on ``break`` and on KeyboardInterrupt)
+      terminates the workers and joins the threads (a transform stuck inside a *thread*,
+      ``workers=0``, cannot be killed by Python: use worker processes for code that may hang);
+    - ``get_state()``/``set_state()`` save and restore the position: the batch after a
+      restore is identical to the one that would have come next.
+    """
+
+    def __init__(self, source: HDF5Batches, augment: Augment, load: Callable[[np.ndarray], Any],
+                 workers: int = 0, prefetch: int = 2, timeout: float = 60.0,
+                 timeline: Timeline | None = None):
+        if workers < 0 or prefetch < 1 or timeout <= 0:
+            raise ValueError(f"need workers >= 0, prefetch >= 1, timeout > 0; got {workers}, {prefetch}, {timeout}")
+        self.source, self.augment, self.load = source, augment, load
+        self.workers, self.prefetch, self.timeout = workers, prefetch, timeout
+        self.timeline = timeline
+        self.epoch = 0
+        self.position = 0
+        self._pool = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    # -- state
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.augment.seed}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        if state.get("seed") != self.augment.seed:
+            raise ValueError(f"state was saved with seed {state.get('seed')}, this pipeline uses {self.augment.seed}")
+        if not 0 <= state["position"] <= len(self.source):
+            raise ValueError(f"position {state['position']} outside 0..{len(self.source)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    # -- running
+    def _put(self, q: queue.Queue, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _producer(self, order: list[int], out: queue.Queue) -> None:
+        try:
+            if self._pool is None:
+                for b in order:
+                    if self._stop.is_set():
+                        return
+                    x, events = _produce(self.source, self.augment, self.epoch, b)
+                    if self.timeline:
+                        self.timeline.extend(events)
+                    if not self._put(out, x):
+                        return
+            else:
+                pending: list = []
+                it = iter(order)
+                for b in it:
+                    pending.append(self._pool.apply_async(_produce_in_worker, (self.epoch, b)))
+                    if len(pending) >= self.workers + self.prefetch:
+                        break
+                while pending and not self._stop.is_set():
+                    x, events = pending.pop(0).get(timeout=self.timeout)
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append(self._pool.apply_async(_produce_in_worker, (self.epoch, nxt)))
+                    if self.timeline:
+                        self.timeline.extend(events)
+                    if not self._put(out, x):
+                        return
+            self._put(out, _DONE)
+        except BaseException as exc:
+            self._put(out, _Failure(exc))
+
+    def _loader(self, order: list[int], inp: queue.Queue, out: queue.Queue) -> None:
+        i = 0
+        while not self._stop.is_set():
+            try:
+                item = inp.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _DONE or isinstance(item, _Failure):
+                self._put(out, item)
+                return
+            try:
+                with _timed(self.timeline, "load", "loader", order[i]):
+                    dev = self.load(item)
+            except BaseException as exc:
+                self._put(out, _Failure(exc))
+                return
+            i += 1
+            if not self._put(out, dev):
+                return
+
+    def __iter__(self) -> Iterator[Any]:
+        order = self.source.order(self.epoch, self.augment.seed)[self.position:]
+        self._stop.clear()
+        if self.workers and self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ctx.Pool(self.workers, initializer=_init_worker,
+                                  initargs=(self.source, self.augment))
+        q1: queue.Queue = queue.Queue(self.prefetch)
+        q2: queue.Queue = queue.Queue(self.prefetch)
+        self._threads = [
+            threading.Thread(target=self._producer, args=(order, q1), daemon=True, name="producer"),
+            threading.Thread(target=self._loader, args=(order, q1, q2), daemon=True, name="loader"),
+        ]
+        for t in self._threads:
+            t.start()
+        try:
+            while True:
+                try:
+                    item = q2.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise TimeoutError(f"the input pipeline produced no batch for {self.timeout:.0f} s "
+                                       "(a stage is stuck)") from None
+                if item is _DONE:
+                    self.epoch += 1
+                    self.position = 0
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                self.position += 1
+                yield item
+        finally:
+            self._shutdown_threads()
+
+    def _shutdown_threads(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads = []
+
+    def close(self) -> None:
+        """Stop the threads and terminate the worker processes."""
+        self._shutdown_threads()
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def consume(pipeline_iter, step, batches: int, timeline: Timeline | None = None,
+            skip: int = 0) -> float:
+    """Run ``step`` on ``batches`` batches; seconds per batch after the first ``skip``."""
+    start = None
+    count = 0
+    for i, dev in enumerate(pipeline_iter):
+        if i == skip:
+            start = time.perf_counter()
+        with _timed(timeline, "compute", "main", i):
+            step(dev)
+        count += 1
+        if count >= batches:
+            break
+    if start is None or count <= skip:
+        raise ValueError(f"only {count} batches for skip={skip}")
+    return (time.perf_counter() - start) / (count - skip)
+
+
+def workers_sweep(source: HDF5Batches, augment: Augment, load, step, workers: Sequence[int],
+                  batches: int, skip: int = 4) -> list[dict[str, Any]]:
+    """Seconds per batch of the overlapped pipeline for each worker count (0 = one thread)."""
+    rows = []
+    for w in workers:
+        with Pipeline(source, augment, load, workers=w, prefetch=4) as pipe:
+            rows.append({"workers": w, "s_per_batch": consume(iter(pipe), step, batches, skip=skip)})
+    return rows
+
+
+# --------------------------------------------------------------------------- Grain
+
+
+class _GrainAugment:
+    """Picklable batch transform for Grain's ``map_with_index`` (batch index = batch id)."""
+
+    def __init__(self, augment: Augment):
+        self.augment = augment
+
+    def __call__(self, index: int, batch: np.ndarray) -> np.ndarray:
+        return self.augment(batch, 0, index)
+
+
+def grain_iterator(path, batch_size: int, augment: Augment, workers: int, prefetch: int = 4):
+    """The same extract + transform with Grain: record source -> batch -> map, in workers.
+
+    Grain's defaults read ahead with 16 threads and a 500-element buffer per process, which
+    keeps working in the background as long as the iterator lives; here each process reads
+    with one thread and ``prefetch`` batches ahead, like :class:`Pipeline`. Close the
+    iterator (``it.close()``) when done with it.
+    """
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
+    import grain
+
+    ds = (grain.MapDataset.source(HDF5Records(path))
+          .batch(batch_size, drop_remainder=True)
+          .map_with_index(_GrainAugment(augment)))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+    if workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)
+
+
+def device_prefetch(iterator, load, size: int = 2, timeline: Timeline | None = None,
+                    timeout: float = 60.0):
+    """Load the next ``size`` batches onto the devices in a thread while the consumer computes."""
+    q: queue.Queue = queue.Queue(size)
+    stop = threading.Event()
+
+    def run():
+        try:
+            for i, x in enumerate(iterator):
+                with _timed(timeline, "load", "loader", i):
+                    dev = load(x)
+                while not stop.is_set():
+                    try:
+                        q.put(dev, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:
+            q.put(_Failure(exc))
+
+    thread = threading.Thread(target=run, daemon=True, name="loader")
+    thread.start()
+    try:
+        while True:
+            item = q.get(timeout=timeout)
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def stage_seconds(source: HDF5Batches, augment: Augment, load, batches: int = 16,
+                  repeats: int = 2) -> dict[str, float]:
+    """Seconds per batch of extract, transform and load, each measured alone.
+
+    The median over ``batches`` batches, and the best of ``repeats`` such runs: the
+    least-disturbed estimate, as ``timeit`` does (a machine still busy with the previous
+    cell's processes would otherwise inflate it)."""
+    run_sequential(source, augment, load, emulated_step(0.0), 1)  # warm-up: first read, compile
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        tl = Timeline()
+        run_sequential(source, augment, load, emulated_step(0.0), batches, timeline=tl)
+        for k, v in tl.median_seconds().items():
+            if k != "compute":
+                best[k] = min(v, best.get(k, float("inf")))
+    return best
+
+
+def bound_seconds(stages: dict[str, float], compute_s: float, workers: int) -> float:
+    """The slowest stage per batch, given its parallelism: extract + transform run together
+    in each of ``workers`` processes (or one thread), load and compute one at a time."""
+    producer = (stages["extract"] + stages["transform"]) / max(workers, 1)
+    return max(producer, stages["load"], compute_s)
+
+
+# The emulated accelerator step lasts this fraction of one batch's extract + transform time
+# (measured alone). With 2 workers the producer needs about half of that per batch, plus
+# what the cores lose to sharing with the main process, so a well-built pipeline on 2 cores
+# is accelerator-bound: the goal of an input pipeline is that the accelerator never waits.
+COMPUTE_FRACTION = 1.0
+
+
+def bench_pipeline(quick: bool = False, folder=None) -> dict[str, Any]:
+    """Benchmark ``pipeline``: sequential vs overlapped vs Grain on the same work."""
+    import tempfile
+
+    import jax
+
+    rows = 4096 if quick else 16384
+    batch = 128
+    from scalelab import env
+
+    workers = max(1, min(2, env.cpu_cores()))
+    augment = Augment(seed=0)
+    load = make_loader(jax.devices())
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = make_patch_store(Path(tmp) / "patches.h5", rows)
+        source = HDF5Batches(path, batch, shuffle=False)
+        stages = stage_seconds(source, augment, load)
+        compute_s = COMPUTE_FRACTION * (stages["extract"] + stages["transform"])
+        step = emulated_step(compute_s)
+        n = len(source)
+        seq = run_sequential(source, augment, load, step, n) / n
+        skip = 6  # worker start-up (process spawn, imports) is not steady state
+        timeline = Timeline()
+        with Pipeline(source, augment, load, workers=workers, prefetch=4) as pipe:
+            overlapped = consume(iter(pipe), step, n, skip=skip, timeline=timeline)
+        # the step's real duration (a sleep overshoots by the time to wake and retake the GIL)
+        compute_measured = float(np.median(timeline.durations()["compute"]))
+        it = grain_iterator(path, batch, augment, workers)
+        try:
+            grain_s = consume(device_prefetch(it, load, 4), step, n, skip=skip)
+        finally:
+            with contextlib.suppress(Exception):
+                it.close()
+    bound = bound_seconds(stages, compute_measured, workers)
+    return {
+        "rows": rows, "batch_size": batch, "batches": n, "workers": workers,
+        "stage_s_per_batch": {**stages, "compute": compute_measured},
+        "emulated_compute_s_per_batch": compute_s,
+        "sequential_s_per_batch": seq, "overlapped_s_per_batch": overlapped,
+        "grain_s_per_batch": grain_s, "bound_s_per_batch": bound,
+        "overlap_efficiency": bound / overlapped, "speedup_vs_sequential": seq / overlapped,
+        "ratio_vs_grain": grain_s / overlapped,
+        "note": f"compute is an emulated accelerator step (sleep) of {COMPUTE_FRACTION} x (extract + transform)",
+    }
+
+
+__all__ = [
+    "Augment", "Event", "FailingAugment", "HDF5Batches", "HDF5Records", "Pipeline", "Timeline", "augment_jax",
+    "bench_pipeline", "bound_seconds", "consume", "device_prefetch", "emulated_step",
+    "grain_iterator", "make_loader", "make_patch_store", "plot_timeline",
+    "resize_weights", "run_sequential", "stage_seconds", "transform_scaling", "workers_sweep",
+]

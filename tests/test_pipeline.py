@@ -1,0 +1,225 @@
+import multiprocessing
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scalelab import pipeline as pl
+
+
+class HangingAugment(pl.Augment):
+    def __call__(self, images, epoch, batch):
+        if batch == 1:
+            time.sleep(8)  # a thread cannot be killed: keep the stuck one short-lived
+        return super().__call__(images, epoch, batch)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return pl.make_patch_store(tmp_path_factory.mktemp("pipe") / "p.h5", rows=320, size=32)
+
+
+def _source(store, **kw):
+    return pl.HDF5Batches(store, batch_size=32, **kw)
+
+
+def _aug():
+    return pl.Augment(crop=24, out=16, seed=5)
+
+
+def _expected(source, aug, epoch=0):
+    return [aug(source.read(b), epoch, b) for b in source.order(epoch, aug.seed)]
+
+
+def _pipeline_threads():
+    """Live pipeline threads, ignoring any left sleeping by the stuck-stage test."""
+    return [t for t in threading.enumerate()
+            if t.name in ("producer", "loader") and not getattr(t, "_stuck_ok", False)]
+
+
+def test_resize_weights():
+    w = pl.resize_weights(5, 9)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(pl.resize_weights(4, 4), np.eye(4))
+    with pytest.raises(ValueError, match="sizes"):
+        pl.resize_weights(0, 3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 4))
+def test_numpy_and_jax_augment_agree(seed, n):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 12, 12, 3), dtype=np.uint8)
+    aug = pl.Augment(crop=8, out=10, seed=seed % 100)
+    params = aug.params(n, 12, epoch=1, batch=2)
+    cpu = aug.numpy(images, params)
+    dev = pl.augment_jax(images, {k: np.asarray(v) for k, v in params.items()}, 8, 10)
+    assert cpu.shape == (n, 10, 10)
+    np.testing.assert_allclose(np.asarray(dev), cpu, atol=1e-5)
+
+
+def test_augment_errors_and_uint8():
+    aug = pl.Augment(crop=8, out=8)
+    with pytest.raises(ValueError, match="square RGB"):
+        aug.numpy(np.zeros((2, 8, 9, 3), np.uint8), aug.params(2, 8, 0, 0))
+    with pytest.raises(ValueError, match="larger than"):
+        pl.Augment(crop=20).params(1, 16, 0, 0)
+    out = aug(np.full((2, 8, 8, 3), 255, np.uint8), 0, 0)
+    assert out.dtype == np.uint8 and out.max() == 255
+
+
+def test_sharding_is_disjoint_and_complete(store):
+    shards = [_source(store, process_index=i, process_count=3) for i in range(3)]
+    ids = [b for s in shards for b in s.batches]
+    assert sorted(ids) == list(range(10)) and len(set(ids)) == 10
+    s = _source(store)
+    assert s.order(0, 1) == s.order(0, 1) != s.order(1, 1)
+    assert sorted(s.order(2, 1)) == list(range(10))
+    with pytest.raises(ValueError, match="process_index"):
+        _source(store, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="no dataset"):
+        pl.HDF5Batches(store, 32, name="nope")
+    with pytest.raises(FileNotFoundError):
+        pl.HDF5Batches(store.parent / "missing.h5", 32)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pipeline_matches_sequential_and_resumes(store, workers):
+    source, aug = _source(store), _aug()
+    load = pl.make_loader(jax.devices()[:1])
+    expected = _expected(source, aug)
+    with pl.Pipeline(source, aug, load, workers=workers, timeout=60) as pipe:
+        got = [np.asarray(x) for x in pipe]
+        assert pipe.get_state() == {"epoch": 1, "position": 0, "seed": 5}
+        it = iter(pipe)  # epoch 1
+        for _ in range(4):
+            next(it)
+        state = pipe.get_state()
+        after = np.asarray(next(it))
+        it.close()
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert state == {"epoch": 1, "position": 4, "seed": 5}
+    with pl.Pipeline(source, aug, load, workers=workers) as fresh:
+        fresh.set_state(state)
+        np.testing.assert_array_equal(np.asarray(next(iter(fresh))), after)
+    np.testing.assert_array_equal(after, _expected(source, aug, epoch=1)[4])
+    assert multiprocessing.active_children() == [] and _pipeline_threads() == []
+
+
+def test_set_state_validates(store):
+    pipe = pl.Pipeline(_source(store), _aug(), lambda x: x)
+    with pytest.raises(ValueError, match="seed"):
+        pipe.set_state({"epoch": 0, "position": 0, "seed": 99})
+    with pytest.raises(ValueError, match="position"):
+        pipe.set_state({"epoch": 0, "position": 99, "seed": 5})
+    with pytest.raises(ValueError, match="workers"):
+        pl.Pipeline(_source(store), _aug(), lambda x: x, workers=-1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_worker_error_reaches_consumer_with_traceback(store, workers):
+    source = _source(store, shuffle=False)
+    aug = pl.FailingAugment(crop=24, out=16, seed=5, fail_at=3)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="failed on batch 3") as info:
+        with pl.Pipeline(source, aug, lambda x: x, workers=workers, timeout=30) as pipe:
+            for _ in pipe:
+                pass
+    assert time.perf_counter() - start < 30
+    if workers:  # the worker's traceback travels as the cause
+        assert "injected fault" in str(info.value.__cause__) and "in __call__" in str(info.value.__cause__)
+    else:
+        assert any(f.name == "__call__" for f in __import__("traceback").extract_tb(info.value.__traceback__))
+    assert multiprocessing.active_children() == [] and _pipeline_threads() == []
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stuck_stage_times_out(store, workers):
+    source = _source(store, shuffle=False)
+    start = time.perf_counter()
+    with pytest.raises((TimeoutError, multiprocessing.TimeoutError)):
+        with pl.Pipeline(source, HangingAugment(crop=24, out=16), lambda x: x, workers=workers,
+                         timeout=3) as pipe:
+            for _ in pipe:
+                pass
+    assert time.perf_counter() - start < 20
+    assert multiprocessing.active_children() == []  # worker processes are terminated
+    for t in threading.enumerate():  # a stuck *thread* ends when its sleep does
+        if t.name == "producer":
+            t._stuck_ok = True
+
+
+def test_keyboard_interrupt_and_break_stop_workers(store):
+    source = _source(store)
+    with pytest.raises(KeyboardInterrupt):
+        with pl.Pipeline(source, _aug(), lambda x: x, workers=2) as pipe:
+            for i, _ in enumerate(pipe):
+                if i == 2:
+                    raise KeyboardInterrupt
+    assert multiprocessing.active_children() == [] and _pipeline_threads() == []
+    pipe = pl.Pipeline(source, _aug(), lambda x: x, workers=1)
+    for i, _ in enumerate(pipe):
+        if i == 1:
+            break
+    pipe.close()
+    assert multiprocessing.active_children() == [] and _pipeline_threads() == []
+
+
+def test_loader_shards_over_devices():
+    load = pl.make_loader(jax.devices()[:4])
+    x = load(np.arange(8 * 3, dtype=np.uint8).reshape(8, 3))
+    assert len(x.sharding.device_set) == 4
+    np.testing.assert_array_equal(np.asarray(x), np.arange(24).reshape(8, 3))
+    with pytest.raises(ValueError, match="cannot be split"):
+        load(np.zeros((6, 3), np.uint8))
+
+
+def test_grain_gives_the_same_batches(store):
+    aug = _aug()
+    source = _source(store, shuffle=False)
+    it = pl.grain_iterator(store, 32, aug, workers=0)
+    for b in range(3):
+        np.testing.assert_array_equal(next(it), aug(source.read(b), 0, b))
+    it.close()
+
+
+def test_timeline_and_bound(store):
+    tl = pl.Timeline()
+    source = _source(store, shuffle=False)
+    seconds = pl.run_sequential(source, _aug(), lambda x: x, pl.emulated_step(0.001), 3, timeline=tl)
+    assert seconds > 0.003
+    assert {e.stage for e in tl.events} == {"extract", "transform", "load", "compute"}
+    assert set(tl.mean_seconds()) == set(tl.median_seconds()) == {"extract", "transform", "load", "compute"}
+    assert set(pl.stage_seconds(source, _aug(), lambda x: x, batches=2, repeats=2)) == {"extract", "transform", "load"}
+    assert pl.bound_seconds({"extract": 1, "transform": 3, "load": 0.5}, 1.5, workers=2) == 2
+    assert pl.bound_seconds({"extract": 1, "transform": 3, "load": 0.5}, 1.5, workers=0) == 4
+    fig = pl.plot_timeline(tl, "test")
+    assert fig.axes
+    with pytest.raises(ValueError, match="empty"):
+        pl.plot_timeline(pl.Timeline(), "x")
+    with pytest.raises(ValueError, match="seconds"):
+        pl.emulated_step(-1)
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+@pytest.mark.parametrize("task", ["augment", "row reads"])
+def test_transform_scaling_runs(store, kind, task):
+    assert pl.transform_scaling(_source(store), _aug(), batches=4, workers=2, kind=kind, task=task) > 0
+
+
+def test_transform_scaling_rejects_bad_options(store):
+    with pytest.raises(ValueError, match="kind"):
+        pl.transform_scaling(_source(store), _aug(), 2, 1, "fiber")
+    with pytest.raises(ValueError, match="task"):
+        pl.transform_scaling(_source(store), _aug(), 2, 1, "thread", "compress")
+
+
+def test_workers_sweep_rows(store):
+    rows = pl.workers_sweep(_source(store), _aug(), lambda x: x, pl.emulated_step(0), [0, 1], batches=6, skip=2)
+    assert [r["workers"] for r in rows] == [0, 1] and all(r["s_per_batch"] > 0 for r in rows)
