@@ -35,7 +35,7 @@ unit: $(STAMP)
 nbtest: $(STAMP)
 	@for n in $(NB_DEVICES); do \
 	  echo "== notebooks, quick mode, $$n simulated CPU device(s)"; \
-	  SCALELAB_QUICK=1 SCALELAB_CPU_DEVICES=$$n $(BIN)/python -m pytest \
+	  SCALELAB_QUICK=1 SCALELAB_PROGRESS=0 SCALELAB_CPU_DEVICES=$$n $(BIN)/python -m pytest \
 	    --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider \
 	    -n 2 --dist loadscope -o testpaths=notebooks $(NOTEBOOKS) || exit 1; \
 	done
@@ -45,11 +45,11 @@ test-devices:
 	$(MAKE) nbtest NB_DEVICES="1 2 4 8"
 
 course: $(STAMP)
-	SCALELAB_QUICK=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py $(NOTEBOOKS)
+	SCALELAB_QUICK=0 SCALELAB_PROGRESS=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py $(NOTEBOOKS)
 	$(BIN)/python tools/course_index.py build/course $(NOTEBOOKS)
 
 notebooks: $(STAMP)
-	SCALELAB_QUICK=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py \
+	SCALELAB_QUICK=0 SCALELAB_PROGRESS=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py \
 	  --to notebook --inplace $(NOTEBOOKS)
 
 lab: $(STAMP)

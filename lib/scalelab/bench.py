@@ -75,6 +75,11 @@ register(
     "Chapter 04: sequential vs overlapped input pipeline vs Grain, overlap efficiency",
 )
 register(
+    "train",
+    "scalelab.train:bench_train",
+    "Chapter 05: CNN on the digits: steps/s, samples/s, compile time, test accuracy",
+)
+register(
     "systolic",
     "scalelab.systolic:bench_systolic",
     "Chapter 02: systolic-array simulator speed (PE-cycles/s) vs a per-PE Python loop",

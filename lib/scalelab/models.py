@@ -6,6 +6,8 @@ what it teaches on real training runs.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -62,3 +64,61 @@ def vae_loss(model: ConditionalVAE, x: jax.Array, y: jax.Array, key: jax.Array) 
     )
     kl = -0.5 * jnp.sum(1 + logvar - mu**2 - jnp.exp(logvar), axis=-1)
     return jnp.mean(recon + kl)
+
+
+class MLP(nnx.Module):
+    """A multilayer perceptron classifier for flat inputs: ``backbone`` then ``head``.
+
+    The split into a backbone (feature layers) and a head (the last linear layer) is what
+    transfer learning uses: keep the backbone, replace or retrain the head.
+    """
+
+    def __init__(self, features: int, classes: int, hidden: tuple[int, ...] = (128, 64),
+                 dropout: float = 0.0, *, rngs: nnx.Rngs):
+        if features < 1 or classes < 1 or not hidden or min(hidden) < 1:
+            raise ValueError(f"features, classes and hidden sizes must be >= 1, got {features}, {classes}, {hidden}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.input_shape = (features,)
+        sizes = (features, *hidden)
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.head = nnx.Linear(hidden[-1], classes, rngs=rngs)
+
+    def backbone(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = self.dropout(nnx.relu(layer(x)))
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.backbone(x))
+
+
+class CNN(nnx.Module):
+    """A small convolutional classifier for square grey images given flat (n, side*side)."""
+
+    def __init__(self, side: int, classes: int, channels: tuple[int, int] = (16, 32),
+                 *, rngs: nnx.Rngs):
+        if side < 2 or classes < 1 or min(channels) < 1:
+            raise ValueError(f"need side >= 2, classes >= 1, channels >= 1; got {side}, {classes}, {channels}")
+        self.side = side
+        self.input_shape = (side * side,)
+        self.conv1 = nnx.Conv(1, channels[0], (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(channels[0], channels[1], (3, 3), rngs=rngs)
+        self.dense = nnx.Linear(channels[1] * (side // 2) ** 2, 64, rngs=rngs)
+        self.head = nnx.Linear(64, classes, rngs=rngs)
+
+    def backbone(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], self.side, self.side, 1)
+        x = nnx.relu(self.conv1(x))
+        x = nnx.relu(self.conv2(x))
+        x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
+        return nnx.relu(self.dense(x.reshape(x.shape[0], -1)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.backbone(x))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
