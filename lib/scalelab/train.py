@@ -377,7 +377,12 @@ def _mlflow(uri: str | None, experiment: str):
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+        # keep artifacts next to the database, not in ./mlruns of whatever the working directory is
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / experiment
+        mlflow.create_experiment(experiment, artifact_location=artifacts.resolve().as_uri())
     mlflow.set_experiment(experiment)
     return mlflow
 
