@@ -80,6 +80,11 @@ register(
     "Chapter 05: CNN on the digits: steps/s, samples/s, compile time, test accuracy",
 )
 register(
+    "data_parallel",
+    "scalelab.parallel:bench_data_parallel",
+    "Chapter 07: pmap / jit+NamedSharding / shard_map vs single device, step time, 2-process run",
+)
+register(
     "systolic",
     "scalelab.systolic:bench_systolic",
     "Chapter 02: systolic-array simulator speed (PE-cycles/s) vs a per-PE Python loop",
