@@ -9,8 +9,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Simulated CPU device counts the notebooks are tested with (chapters never assume one).
-NB_DEVICES ?= 8
+# Simulated CPU device counts `make test` runs the notebooks with (chapters never assume one;
+# `make test-devices` adds 2 and 4).
+NB_DEVICES ?= 8 1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 NAME ?= abstractions
 

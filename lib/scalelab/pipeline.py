@@ -359,8 +359,11 @@ def transform_scaling(source: HDF5Batches, augment: Augment, batches: int,
                                    initializer=_init_worker, initargs=(source, augment))
     with threadpool_limits(1), pool:
         list(pool.map(fn, ids[:workers]))  # start-up, first file open
+        # hand each process several batches per message, so the pool's per-task overhead
+        # does not swamp a short task (threads ignore chunksize)
+        chunk = max(1, len(ids) // (4 * workers))
         start = time.perf_counter()
-        list(pool.map(fn, ids))
+        list(pool.map(fn, ids, chunksize=chunk))
         return (time.perf_counter() - start) / len(ids)
 
 
