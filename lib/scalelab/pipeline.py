@@ -133,7 +133,27 @@ def make_patch_store(path, rows: int, size: int = 64, seed: int = 0) -> Path:
                             "scikit-learn's sample photos", version="1")
 
 
-class HDF5Batches:
+class _LazyStore:
+    """Opens its HDF5 store on first use in whichever process reads, and pickles without
+    the open handle (h5py objects cannot be pickled; Grain and worker pools pickle sources)."""
+
+    path: Path
+    _store: Any = None
+
+    def _opened(self):
+        from scalelab import data
+
+        if self._store is None:
+            self._store = data.Store(self.path)
+        return self._store
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None
+        return state
+
+
+class HDF5Batches(_LazyStore):
     """Contiguous batches of one HDF5 dataset, sharded across processes.
 
     Batch ``b`` is rows ``b*batch_size:(b+1)*batch_size``; this process owns the batches
@@ -162,12 +182,6 @@ class HDF5Batches:
             self.rows = len(store)
         self.total_batches = self.rows // batch_size
         self.batches = list(range(process_index, self.total_batches, process_count))
-        self._store = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_store"] = None
-        return state
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -180,15 +194,11 @@ class HDF5Batches:
         return [self.batches[i] for i in rng.permutation(len(self.batches))]
 
     def read(self, batch: int) -> np.ndarray:
-        from scalelab import data
-
-        if self._store is None:
-            self._store = data.Store(self.path)
         lo = batch * self.batch_size
-        return self._store.read(lo, lo + self.batch_size, (self.name,))[self.name]
+        return self._opened().read(lo, lo + self.batch_size, (self.name,))[self.name]
 
 
-class HDF5Records:
+class HDF5Records(_LazyStore):
     """Single rows of one HDF5 dataset, for record-level loaders such as Grain."""
 
     def __init__(self, path, name: str = "x"):
@@ -198,22 +208,12 @@ class HDF5Records:
         self.name = name
         with data.Store(self.path) as store:
             self.rows = len(store)
-        self._store = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_store"] = None
-        return state
 
     def __len__(self) -> int:
         return self.rows
 
     def __getitem__(self, index: int) -> np.ndarray:
-        from scalelab import data
-
-        if self._store is None:
-            self._store = data.Store(self.path)
-        return self._store.row(int(index), self.name)
+        return self._opened().row(int(index), self.name)
 
 
 # --------------------------------------------------------------------------- transform
