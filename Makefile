@@ -33,12 +33,14 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -n 2
 
+# Notebooks run one at a time: several of them start worker processes, Dask clusters or
+# multi-process JAX jobs, and two such notebooks at once on a 2-core machine only contend.
 nbtest: $(STAMP)
 	@for n in $(NB_DEVICES); do \
 	  echo "== notebooks, quick mode, $$n simulated CPU device(s)"; \
 	  SCALELAB_QUICK=1 SCALELAB_PROGRESS=0 SCALELAB_CPU_DEVICES=$$n $(BIN)/python -m pytest \
 	    --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider \
-	    -n 2 --dist loadscope -o testpaths=notebooks $(NOTEBOOKS) || exit 1; \
+	    -o testpaths=notebooks $(NOTEBOOKS) || exit 1; \
 	done
 
 # The device-count sweep every chapter must pass (slower: one nbval run per count).

@@ -457,8 +457,8 @@ def local_cluster(workers: int = 2) -> Iterator[Any]:
     workers = _positive_int("workers", workers)
     with (
         LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                     dashboard_address=None, silence_logs=logging.ERROR) as cluster,
-        Client(cluster) as client,
+                     dashboard_address=None, silence_logs=logging.ERROR, timeout="60s") as cluster,
+        Client(cluster, timeout="60s") as client,
     ):
         yield client
 
@@ -480,7 +480,7 @@ def futures_moments(client: Any, x: np.ndarray, partitions: int = 4
     # share keys with futures that are being released
     blocks = client.scatter(row_blocks(x, partitions), hash=False)
     partial = client.map(_block_moments, blocks, pure=False)
-    stats = client.submit(_sum_all, partial, pure=False).result()
+    stats = client.submit(_sum_all, partial, pure=False).result(timeout=120)
     count, total, squares = stats
     mean = total / count
     return mean, np.maximum(squares / count - mean**2, 0.0)
