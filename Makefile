@@ -48,7 +48,7 @@ test-devices:
 	$(MAKE) nbtest NB_DEVICES="1 2 4 8"
 
 course: $(STAMP)
-	SCALELAB_QUICK=0 SCALELAB_PROGRESS=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py $(NOTEBOOKS)
+	SCALELAB_QUICK=0 SCALELAB_PROGRESS=0 SCALELAB_SAVE_RESULTS=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py $(NOTEBOOKS)
 	$(BIN)/python tools/course_index.py build/course $(NOTEBOOKS)
 
 notebooks: $(STAMP)
