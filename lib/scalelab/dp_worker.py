@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = parallel.global_batches(problem, args.batch, args.steps)
     devices = jax.devices()  # every device of every process
     mesh = parallel.data_mesh(devices)
-    step, _, replicated, sharded = parallel.jit_sharded_step(problem, mesh, args.lr)
+    step, replicated, sharded = parallel.jit_sharded_step(problem, mesh, args.lr)
     params = jax.tree.map(
         lambda a: jax.make_array_from_callback(a.shape, replicated, lambda idx, a=a: np.asarray(a)[idx]),
         problem.params)

@@ -144,22 +144,26 @@ def jit_sharded_step(problem: Problem, mesh, lr: float = 0.1):
         loss, grads = jax.value_and_grad(problem.loss)(params, x, y)
         return _sgd(params, grads, lr), loss
 
-    def run(params, x, y):
-        return step(params, jax.device_put(x, sharded), jax.device_put(y, sharded))
+    return step, replicated, sharded
 
-    return step, run, replicated, sharded
+
+def _train_on_mesh(step, problem: Problem, batches, mesh) -> tuple[Any, list[float]]:
+    """Replicate the parameters, shard each global batch over ``data``, run ``step``,
+    and block on the loss every step."""
+    n = mesh.devices.size
+    sharded = NamedSharding(mesh, P("data"))
+    params = jax.device_put(problem.params, NamedSharding(mesh, P()))
+    losses = []
+    for x, y in batches:
+        _check_divisible(len(x), n)
+        params, loss = step(params, jax.device_put(x, sharded), jax.device_put(y, sharded))
+        losses.append(float(loss))
+    return params, losses
 
 
 def train_jit(problem: Problem, batches, devices: Sequence[Any], lr: float = 0.1) -> tuple[Any, list[float]]:
     mesh = data_mesh(devices)
-    _, run, replicated, _ = jit_sharded_step(problem, mesh, lr)
-    params = jax.device_put(problem.params, replicated)
-    losses = []
-    for x, y in batches:
-        _check_divisible(len(x), len(devices))
-        params, loss = run(params, x, y)
-        losses.append(float(loss))
-    return params, losses
+    return _train_on_mesh(jit_sharded_step(problem, mesh, lr)[0], problem, batches, mesh)
 
 
 # --------------------------------------------------------------------------- 3. shard_map
@@ -183,15 +187,7 @@ def shard_map_step(problem: Problem, mesh, lr: float = 0.1, reduce: bool = True)
 
 def train_shard_map(problem: Problem, batches, devices: Sequence[Any], lr: float = 0.1) -> tuple[Any, list[float]]:
     mesh = data_mesh(devices)
-    step = shard_map_step(problem, mesh, lr)
-    sharded = NamedSharding(mesh, P("data"))
-    params = jax.device_put(problem.params, NamedSharding(mesh, P()))
-    losses = []
-    for x, y in batches:
-        _check_divisible(len(x), len(devices))
-        params, loss = step(params, jax.device_put(x, sharded), jax.device_put(y, sharded))
-        losses.append(float(loss))
-    return params, losses
+    return _train_on_mesh(shard_map_step(problem, mesh, lr), problem, batches, mesh)
 
 
 STRATEGIES: dict[str, Callable[..., tuple[Any, list[float]]]] = {
@@ -211,7 +207,7 @@ def collectives_in_hlo(problem: Problem, devices: Sequence[Any], batch: int) -> 
     from scalelab.abstractions import strip_debug_info
 
     mesh = data_mesh(devices)
-    step, _, replicated, sharded = jit_sharded_step(problem, mesh)
+    step, replicated, sharded = jit_sharded_step(problem, mesh)
     x = jax.ShapeDtypeStruct((batch, problem.x.shape[1]), jnp.float32, sharding=sharded)
     y = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharded)
     params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated), problem.params)

@@ -463,6 +463,17 @@ def run_sequential(source: HDF5Batches, augment: Augment, load, step, batches: i
     return time.perf_counter() - start
 
 
+def _put_until(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put ``item`` on a bounded queue, giving up (False) once ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
@@ -515,13 +526,7 @@ class Pipeline:
 
     # -- running
     def _put(self, q: queue.Queue, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _put_until(q, item, self._stop)
 
     def _producer(self, order: list[int], out: queue.Queue) -> None:
         try:
@@ -702,13 +707,7 @@ def device_prefetch(iterator, load, size: int = 2, timeline: Timeline | None = N
             for i, x in enumerate(iterator):
                 with _timed(timeline, "load", "loader", i):
                     dev = load(x)
-                while not stop.is_set():
-                    try:
-                        q.put(dev, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not _put_until(q, dev, stop):
                     return
             q.put(_DONE)
         except BaseException as exc:
