@@ -89,6 +89,21 @@ register(
     "scalelab.systolic:bench_systolic",
     "Chapter 02: systolic-array simulator speed (PE-cycles/s) vs a per-PE Python loop",
 )
+register(
+    "model_parallel",
+    "scalelab.parallel:bench_model_parallel",
+    "Chapter 08: DP / FSDP / tensor / pipeline parallelism: equality, bytes per device, step time, bubble",
+)
+register(
+    "remat",
+    "scalelab.memory:bench_remat",
+    "Chapter 10: activation memory vs depth without remat, with sqrt(n) and full remat; time overhead",
+)
+register(
+    "precision",
+    "scalelab.precision:bench_precision",
+    "Chapter 11: float32 / bfloat16 / float16 (loss scaling) / int8: accuracy, bytes, step time",
+)
 
 
 # --------------------------------------------------------------------------- timing
