@@ -95,6 +95,11 @@ register(
     "Chapter 08: DP / FSDP / tensor / pipeline parallelism: equality, bytes per device, step time, bubble",
 )
 register(
+    "hpo",
+    "scalelab.hpo:bench_hpo",
+    "Chapter 09: vmap over 64 configurations vs a loop of jitted runs; median best accuracy per search strategy",
+)
+register(
     "remat",
     "scalelab.memory:bench_remat",
     "Chapter 10: activation memory vs depth without remat, with sqrt(n) and full remat; time overhead",
@@ -105,6 +110,16 @@ register(
     "Chapter 11: float32 / bfloat16 / float16 (loss scaling) / int8: accuracy, bytes, step time",
 )
 
+register(
+    "checkpoint",
+    "scalelab.checkpoint:bench_checkpoint",
+    "Chapter 12: Orbax save/restore throughput vs a raw disk write; training blocked by async vs sync saves",
+)
+register(
+    "monitor",
+    "scalelab.monitor:bench_monitor",
+    "Chapter 13: resource sampler overhead; step-time prediction from small runs vs a measured larger run",
+)
 
 # --------------------------------------------------------------------------- timing
 

@@ -85,13 +85,15 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.head = nnx.Linear(hidden[-1], classes, rngs=rngs)
 
-    def backbone(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
-            x = self.dropout(nnx.relu(layer(x)))
+    def backbone(self, x: jax.Array, rngs: jax.Array | None = None) -> jax.Array:
+        """The feature layers. ``rngs``: a key for dropout (else the module's own stream)."""
+        for i, layer in enumerate(self.layers):
+            key = None if rngs is None else jax.random.fold_in(rngs, i)  # one mask stream per layer
+            x = self.dropout(nnx.relu(layer(x)), rngs=key)
         return x
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.head(self.backbone(x))
+    def __call__(self, x: jax.Array, rngs: jax.Array | None = None) -> jax.Array:
+        return self.head(self.backbone(x, rngs))
 
 
 class CNN(nnx.Module):
