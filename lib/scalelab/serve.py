@@ -1,0 +1,844 @@
+"""Chapter 14: deployment — a batching inference server under load, cold starts, the browser.
+
+- :class:`Predictor` serves the model exported in chapter 12 (StableHLO + weights): no
+  model code, one compiled program per batch-size bucket.
+- :func:`create_app` is an HTTP service (FastAPI on uvicorn): ``POST /predict``,
+  ``GET /health``, ``GET /metrics``. Requests queue in a :class:`Batcher`, which groups
+  them up to a maximum batch or a maximum wait (dynamic batching) — or, unbatched, runs
+  one request at a time. Bad input gets a 4xx answer naming what was expected.
+- ``python -m scalelab.serve`` starts it, with several worker processes behind one
+  address if asked (the load-balancer arrangement); :class:`ServerProcess` starts and
+  always stops it from Python.
+- :func:`load_test` drives it with a bounded number of concurrent async clients and
+  reports throughput and latency percentiles.
+- :func:`cold_start` measures process start to first prediction three ways, and
+  :func:`simulate_serving` turns those numbers into the cost and latency of an always-on
+  server vs a pay-per-request platform.
+- :func:`to_onnx` writes the same network as ONNX for onnxruntime and the browser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the handler's annotations here
+
+ENV_PREFIX = "SCALELAB_SERVE_"
+
+
+class BadRequest(ValueError):
+    """A request the server refuses, with the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class Predictor:
+    """An exported model (``model.stablehlo`` + ``weights.npz``, chapter 12) ready to
+    serve. Batches are padded up to a power of two, so at most log2(max_batch) + 1
+    programs are ever compiled, all of them by :meth:`warmup`."""
+
+    def __init__(self, directory: str | os.PathLike, max_batch: int = 64):
+        import jax
+
+        directory = Path(directory)
+        missing = [f for f in ("model.stablehlo", "weights.npz") if not (directory / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{directory} is not an exported model: missing {missing}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        exported = jax.export.deserialize(bytearray((directory / "model.stablehlo").read_bytes()))
+        with np.load(directory / "weights.npz") as w:
+            self.weights = [jax.device_put(w[f"arr_{i}"]) for i in range(len(w.files))]
+        self.features = int(exported.in_avals[-1].shape[1])
+        self.classes = int(exported.out_avals[0].shape[1])
+        self.max_batch = max_batch
+        self.buckets = [2**k for k in range(max_batch.bit_length()) if 2**k < max_batch] + [max_batch]
+        self._call = jax.jit(exported.call)
+
+    def bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    def warmup(self) -> None:
+        for b in self.buckets:
+            self(np.zeros((b, self.features), np.float32))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        rows = len(x)
+        if rows > self.max_batch:
+            return np.concatenate([self(x[i:i + self.max_batch]) for i in range(0, rows, self.max_batch)])
+        padded = np.zeros((self.bucket(rows), self.features), np.float32)
+        padded[:rows] = x
+        return np.asarray(self._call(self.weights, padded))[:rows]
+
+
+def parse_inputs(body: bytes, features: int, max_rows: int, max_body_bytes: int) -> np.ndarray:
+    """The ``inputs`` of a JSON request body as a (rows, features) float32 array, or a
+    :class:`BadRequest` naming what was wrong (400 malformed, 413 too large, 422 wrong
+    shape or type)."""
+    if len(body) > max_body_bytes:
+        raise BadRequest(413, f"request body of {len(body)} bytes exceeds the limit of {max_body_bytes}")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequest(400, f"malformed JSON: {err}") from None
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise BadRequest(422, 'expected a JSON object {"inputs": [[...], ...]}')
+    rows = payload["inputs"]
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+        raise BadRequest(422, f"'inputs' must be a non-empty list of rows of {features} numbers")
+    if len(rows) > max_rows:
+        raise BadRequest(413, f"{len(rows)} rows exceed the limit of {max_rows} per request")
+    bad = next((i for i, r in enumerate(rows) if len(r) != features), None)
+    if bad is not None:
+        raise BadRequest(422, f"row {bad} has {len(rows[bad])} values, expected {features}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for r in rows for v in r):
+        raise BadRequest(422, "'inputs' must contain only numbers (int or float)")
+    x = np.asarray(rows, np.float32)
+    if not np.isfinite(x).all():
+        raise BadRequest(422, "'inputs' must be finite numbers")
+    return x
+
+
+# --------------------------------------------------------------------------- dynamic batching
+
+
+@dataclasses.dataclass
+class BatchStats:
+    requests: int = 0
+    rows: int = 0
+    batches: int = 0
+    rejected: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "mean_batch_rows": self.rows / self.batches if self.batches else 0.0}
+
+
+class Batcher:
+    """Groups queued requests into one model call: up to ``max_batch`` rows, waiting at
+    most ``max_wait_s`` after the first request of a batch. ``batched=False`` serves one
+    request at a time (the baseline). The model runs in one worker thread so the event
+    loop keeps accepting requests while it computes."""
+
+    def __init__(self, predict, max_batch: int = 64, max_wait_s: float = 0.005, batched: bool = True):
+        if max_batch < 1 or max_wait_s < 0:
+            raise ValueError(f"need max_batch >= 1 and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
+        self.predict, self.max_batch, self.max_wait_s, self.batched = predict, max_batch, max_wait_s, batched
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._carry = None
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put((x, fut))
+        return await fut
+
+    async def _collect(self) -> list:
+        loop = asyncio.get_running_loop()
+        first = self._carry if self._carry is not None else await self._queue.get()
+        self._carry = None
+        items, rows = [first], len(first[0])
+        if not self.batched:
+            return items
+        deadline = loop.time() + self.max_wait_s
+        while rows < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if rows + len(item[0]) > self.max_batch:
+                self._carry = item  # starts the next batch
+                break
+            items.append(item)
+            rows += len(item[0])
+        return items
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._collect()
+            x = np.concatenate([i[0] for i in items])
+            try:
+                out = await loop.run_in_executor(self._pool, self.predict, x)
+            except Exception as err:  # the model failed: fail these requests, keep serving
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            self.stats.batches += 1
+            self.stats.requests += len(items)
+            self.stats.rows += len(x)
+            start = 0
+            for xi, fut in items:
+                if not fut.done():
+                    fut.set_result(out[start:start + len(xi)])
+                start += len(xi)
+
+
+# --------------------------------------------------------------------------- the HTTP service
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    model_dir: str
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    batched: bool = True
+    max_rows: int = 64
+    max_body_bytes: int = 1_000_000
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_PREFIX + k.upper(): str(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_env(cls) -> ServerConfig:
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            kw[f.name] = raw.lower() == "true" if f.type in ("bool", bool) else type(getattr(cls, f.name, ""))(raw) \
+                if f.name != "model_dir" else raw
+        if "model_dir" not in kw:
+            raise ValueError(f"set {ENV_PREFIX}MODEL_DIR to the exported model's folder")
+        return cls(**kw)
+
+
+def create_app(config: ServerConfig | None = None):
+    """The FastAPI application (``config`` from ``SCALELAB_SERVE_*`` variables if None,
+    which is how uvicorn's worker processes build it)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    config = config or ServerConfig.from_env()
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        predictor = Predictor(config.model_dir, max_batch=config.max_batch)
+        predictor.warmup()  # compile every bucket before taking traffic
+        batcher = Batcher(predictor, config.max_batch, config.max_wait_ms / 1e3, config.batched)
+        batcher.start()
+        state.update(predictor=predictor, batcher=batcher, started=time.time())
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="scalelab digits classifier", lifespan=lifespan)
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        predictor, batcher = state["predictor"], state["batcher"]
+        declared = int(request.headers.get("content-length") or 0)
+        try:
+            if declared > config.max_body_bytes:
+                raise BadRequest(413, f"request body of {declared} bytes exceeds the limit of {config.max_body_bytes}")
+            x = parse_inputs(await request.body(), predictor.features, config.max_rows, config.max_body_bytes)
+        except BadRequest as err:
+            batcher.stats.rejected += 1
+            return JSONResponse({"error": str(err)}, status_code=err.status)
+        probs = await batcher.submit(x)
+        return {"classes": np.argmax(probs, axis=-1).tolist(), "probabilities": np.round(probs, 6).tolist()}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if "batcher" in state else "starting", "pid": os.getpid()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return {"pid": os.getpid(), "uptime_s": time.time() - state.get("started", time.time()),
+                "batched": config.batched, "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms,
+                **state["batcher"].stats.as_dict()}
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m scalelab.serve`` in its own process group, started and waited for, and
+    always stopped (SIGTERM, then SIGKILL for the whole group) — use it with ``with``."""
+
+    def __init__(self, config: ServerConfig, workers: int = 1, port: int | None = None, timeout: float = 120.0):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.config, self.workers, self.timeout = config, workers, timeout
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ServerProcess:
+        import httpx
+
+        cmd = [sys.executable, "-m", "scalelab.serve", "--port", str(self.port), "--workers", str(self.workers)]
+        env = {**os.environ, **self.config.to_env(), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        pids: set[int] = set()
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n"
+                                   f"{self._log.read().decode(errors='replace')[-2000:]}")
+            try:
+                r = httpx.get(self.url + "/health", timeout=2)
+                if r.status_code == 200 and r.json()["status"] == "ok":
+                    pids.add(r.json()["pid"])
+                    if len(pids) >= min(self.workers, 1):
+                        return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"the server did not answer /health within {self.timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- load testing
+
+
+def _payloads(features: int, count: int, rows: int, bad_fraction: float, seed: int) -> list[tuple[bytes, bool]]:
+    """Request bodies; a ``bad_fraction`` share is malformed in one of several ways."""
+    rng = np.random.default_rng(seed)
+    bad_kinds = [b'{"inputs": [[1, 2', json.dumps({"inputs": [[0.0] * (features - 1)]}).encode(),
+                 json.dumps({"inputs": [["a"] * features]}).encode(), json.dumps({"rows": []}).encode(),
+                 json.dumps({"inputs": [[0.5] * features] * 1000}).encode()]
+    out = []
+    for i in range(count):
+        if rng.random() < bad_fraction:
+            out.append((bad_kinds[i % len(bad_kinds)], False))
+        else:
+            x = rng.random((rows, features)).round(3)
+            out.append((json.dumps({"inputs": x.tolist()}).encode(), True))
+    return out
+
+
+async def _drive(url: str, payloads, concurrency: int, timeout: float) -> list[tuple[bool, int, float]]:
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in payloads:
+        queue.put_nowait(p)
+    results: list[tuple[bool, int, float]] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+
+        async def worker():
+            while True:
+                try:
+                    body, good = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                start = time.perf_counter()
+                try:
+                    r = await client.post("/predict", content=body, headers={"content-type": "application/json"})
+                    status = r.status_code
+                except httpx.HTTPError:
+                    status = 0  # no answer at all
+                results.append((good, status, time.perf_counter() - start))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+def load_test(url: str, requests: int = 1000, concurrency: int = 32, rows: int = 1, bad_fraction: float = 0.0,
+              features: int = 64, seed: int = 0, timeout: float = 30.0) -> dict[str, Any]:
+    """Send ``requests`` POSTs with at most ``concurrency`` in flight (closed loop: each
+    client sends its next request when the last is answered). Returns throughput,
+    latency percentiles of the good requests, and status counts."""
+    if requests < 1 or concurrency < 1 or not 0 <= bad_fraction <= 1:
+        raise ValueError(f"need requests >= 1, concurrency >= 1, 0 <= bad_fraction <= 1; "
+                         f"got {requests}, {concurrency}, {bad_fraction}")
+    payloads = _payloads(features, requests, rows, bad_fraction, seed)
+    start = time.perf_counter()
+    results = asyncio.run(_drive(url, payloads, concurrency, timeout))
+    wall = time.perf_counter() - start
+    good = [r for r in results if r[0]]
+    lat = np.array([r[2] for r in good if r[1] == 200]) * 1e3
+    statuses: dict[str, int] = {}
+    for _, status, _ in results:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    return {
+        "requests": len(results), "concurrency": concurrency, "rows_per_request": rows, "wall_s": wall,
+        "rps": len(results) / wall, "good_requests": len(good), "good_ok": int(np.sum([r[1] == 200 for r in good])),
+        "bad_requests": len(results) - len(good),
+        "bad_4xx": sum(1 for r in results if not r[0] and 400 <= r[1] < 500),
+        "status_5xx": sum(1 for r in results if r[1] >= 500), "no_answer": sum(1 for r in results if r[1] == 0),
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "statuses": statuses,
+    }
+
+
+def metrics(url: str) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(url + "/metrics", timeout=10).json()
+
+
+# --------------------------------------------------------------------------- cold starts
+
+_COLD_CODE = """
+import time, sys
+t0 = time.perf_counter()
+import numpy as np
+from flax import nnx
+from scalelab import checkpoint
+model, cfg, _ = checkpoint.load_model(sys.argv[1])
+predict = nnx.jit(lambda m, x: m(x))
+np.asarray(predict(model, np.zeros((1, cfg.features), np.float32)))
+print(time.perf_counter() - t0)
+"""
+
+_COLD_EXPORTED = """
+import time, sys
+t0 = time.perf_counter()
+import jax, numpy as np
+exported = jax.export.deserialize(bytearray(open(sys.argv[1] + "/model.stablehlo", "rb").read()))
+w = np.load(sys.argv[1] + "/weights.npz")
+weights = [w[f"arr_{i}"] for i in range(len(w.files))]
+np.asarray(jax.jit(exported.call)(weights, np.zeros((1, exported.in_avals[-1].shape[1]), np.float32)))
+print(time.perf_counter() - t0)
+"""
+
+
+def cold_start(kind: str, directory: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+               timeout: float = 300.0) -> dict[str, float]:
+    """Seconds from starting a process to its first prediction: ``kind="code"`` rebuilds
+    the model from configuration + parameters and traces and compiles it; ``"exported"``
+    loads the StableHLO and compiles it. With ``cache_dir``, JAX's persistent compilation
+    cache is on (the first run fills it, so call twice and keep the second). Returns the
+    wall time seen from outside and the time the process measured after its start."""
+    scripts = {"code": _COLD_CODE, "exported": _COLD_EXPORTED}
+    if kind not in scripts:
+        raise ValueError(f"unknown cold-start kind {kind!r}; expected one of {sorted(scripts)}")
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    if cache_dir is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", scripts[kind], str(Path(directory).resolve())], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise RuntimeError(f"cold start ({kind}) failed:\n{out.stderr[-2000:]}")
+    return {"wall_s": wall, "inside_s": float(out.stdout.strip().splitlines()[-1])}
+
+
+# --------------------------------------------------------------------------- serverless vs always-on
+
+
+# Published list prices (on-demand, USD); check the pages for current figures.
+PRICES = {
+    "always_on_per_hour": {"value": 0.067006, "what": "Google Compute Engine e2-standard-2 (2 vCPU, 8 GB), us-central1",
+                           "source": "https://cloud.google.com/compute/vm-instance-pricing"},
+    "serverless_per_gb_s": {"value": 0.0000166667, "what": "AWS Lambda, x86, per GB-second",
+                            "source": "https://aws.amazon.com/lambda/pricing/"},
+    "serverless_per_request": {"value": 0.20 / 1e6, "what": "AWS Lambda, per request",
+                               "source": "https://aws.amazon.com/lambda/pricing/"},
+}
+
+
+def traffic(kind: str, duration_s: float, mean_rps: float, seed: int = 0) -> np.ndarray:
+    """Request arrival times: ``steady`` (Poisson at ``mean_rps``) or ``spiky`` (quiet,
+    with bursts at 20x the quiet rate, the same mean)."""
+    if duration_s <= 0 or mean_rps <= 0:
+        raise ValueError(f"duration_s and mean_rps must be > 0, got {duration_s}, {mean_rps}")
+    rng = np.random.default_rng(seed)
+    if kind == "steady":
+        n = rng.poisson(mean_rps * duration_s)
+        return np.sort(rng.uniform(0, duration_s, n))
+    if kind == "spiky":
+        times, t = [], 0.0
+        quiet = mean_rps / (0.9 + 0.1 * 20)  # 90% of the time quiet, 10% bursting at 20x
+        while t < duration_s:
+            burst = rng.random() < 0.1
+            span = rng.exponential(30.0)
+            rate = quiet * (20 if burst else 1)
+            n = rng.poisson(rate * min(span, duration_s - t))
+            times.extend(rng.uniform(t, min(t + span, duration_s), n))
+            t += span
+        return np.sort(np.asarray(times))
+    raise ValueError(f"unknown traffic kind {kind!r}; expected 'steady' or 'spiky'")
+
+
+def simulate_serving(arrivals: np.ndarray, service_s: float, cold_start_s: float, keep_alive_s: float = 600.0,
+                     memory_gb: float = 2.0, servers: int = 1, prices: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Cost and latency of the same traffic on ``servers`` always-on machines vs a
+    pay-per-request platform whose instances (one request at a time each) are started on
+    demand (a cold start) and reclaimed after ``keep_alive_s`` idle."""
+    prices = prices or PRICES
+    arrivals = np.sort(np.asarray(arrivals, float))
+    duration = float(arrivals[-1]) if len(arrivals) else 0.0
+    # always-on: FIFO over `servers` machines, no cold starts
+    free = np.zeros(servers)
+    on_lat = []
+    for t in arrivals:
+        i = int(np.argmin(free))
+        begin = max(t, free[i])
+        free[i] = begin + service_s
+        on_lat.append(free[i] - t)
+    # pay-per-request: warm idle instance if one exists, else start one
+    instances: list[list[float]] = []  # [busy_until, last_used]
+    pp_lat, billed, colds = [], 0.0, 0
+    for t in arrivals:
+        warm = [inst for inst in instances if inst[0] <= t and t - inst[1] <= keep_alive_s]
+        if warm:
+            inst = max(warm, key=lambda i: i[1])
+            latency = service_s
+        else:
+            inst = [0.0, 0.0]
+            instances.append(inst)
+            latency = cold_start_s + service_s
+            colds += 1
+        inst[0] = t + latency
+        inst[1] = t + latency
+        pp_lat.append(latency)
+        billed += latency
+        instances = [i for i in instances if t - i[1] <= keep_alive_s or i[0] > t]
+
+    def pct(a, q):
+        return float(np.percentile(a, q)) if len(a) else None
+
+    hours = duration / 3600
+    return {
+        "requests": len(arrivals), "duration_h": hours,
+        "always_on_cost": servers * hours * prices["always_on_per_hour"]["value"],
+        "always_on_p50_ms": pct(on_lat, 50) * 1e3 if on_lat else None,
+        "always_on_p99_ms": pct(on_lat, 99) * 1e3 if on_lat else None,
+        "serverless_cost": billed * memory_gb * prices["serverless_per_gb_s"]["value"]
+        + len(arrivals) * prices["serverless_per_request"]["value"],
+        "serverless_p50_ms": pct(pp_lat, 50) * 1e3 if pp_lat else None,
+        "serverless_p99_ms": pct(pp_lat, 99) * 1e3 if pp_lat else None,
+        "serverless_p999_ms": pct(pp_lat, 99.9) * 1e3 if pp_lat else None,
+        "serverless_mean_ms": float(np.mean(pp_lat)) * 1e3 if pp_lat else None,
+        "cold_starts": colds, "cold_start_share": colds / len(arrivals) if len(arrivals) else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- ONNX and the browser
+
+
+def to_onnx(params: dict[str, Any], path: str | os.PathLike, features: int = 64) -> Path:
+    """The chapter-12 MLP (``params`` as saved: ``layers`` then ``head``, each with a
+    ``kernel`` and ``bias``) as an ONNX graph: MatMul + Add + Relu per layer, then the
+    head and a Softmax. The batch dimension is symbolic."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    layers = [params["layers"][k] for k in sorted(params["layers"], key=int)] + [params["head"]]
+    nodes, inits, x = [], [], "inputs"
+    for i, layer in enumerate(layers):
+        w, b = np.asarray(layer["kernel"], np.float32), np.asarray(layer["bias"], np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"]),
+                  helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"z{i}"])]
+        x = f"z{i}"
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"h{i}"]))
+            x = f"h{i}"
+    nodes.append(helper.make_node("Softmax", [x], ["probabilities"], axis=-1))
+    classes = int(np.asarray(layers[-1]["bias"]).shape[0])
+    graph = helper.make_graph(
+        nodes, "scalelab_mlp",
+        [helper.make_tensor_value_info("inputs", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="scalelab",
+                              ir_version=9)  # opset 17 needs IR >= 8; older runtimes (the web one) stop at 10
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from scalelab import io
+
+    with io.atomic_open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return path
+
+
+def onnx_predict(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"inputs": np.asarray(x, np.float32)})[0]
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Digits in your browser</title>
+<script src="{ort_src}"></script></head>
+<body>
+<h1>A digits classifier running in this page</h1>
+<p>The model (<code>model.onnx</code>, {kb:.0f} kB) was downloaded by your browser and runs here with
+onnxruntime-web (WebAssembly): no server computes anything. Which also means anyone can download the weights.</p>
+<pre id="result">running...</pre>
+<script>
+async function main() {{
+  ort.env.wasm.numThreads = 1;
+  const samples = await (await fetch("samples.json")).json();
+  const session = await ort.InferenceSession.create("model.onnx", {{executionProviders: ["wasm"]}});
+  const n = samples.inputs.length, f = samples.inputs[0].length;
+  const x = new ort.Tensor("float32", Float32Array.from(samples.inputs.flat()), [n, f]);
+  const t0 = performance.now();
+  const out = await session.run({{inputs: x}});
+  const ms = performance.now() - t0;
+  const p = out.probabilities.data, c = p.length / n;
+  const probs = [...Array(n).keys()].map(i => Array.from(p.slice(i * c, (i + 1) * c)));
+  document.getElementById("result").textContent = JSON.stringify({{ms: ms, probabilities: probs}});
+}}
+main().catch(e => {{ document.getElementById("result").textContent = "ERROR " + e; }});
+</script>
+</body></html>
+"""
+
+
+
+
+ORT_WEB_VERSION = "1.30.0"
+ORT_CDN = f"https://cdn.jsdelivr.net/npm/onnxruntime-web@{ORT_WEB_VERSION}/dist/ort.min.js"
+
+
+def local_ort_web(start: str | os.PathLike | None = None) -> Path | None:
+    """A local copy of onnxruntime-web's ``dist`` folder: ``$SCALELAB_ORT_WEB``, or
+    ``build/onnxruntime-web/dist`` in the checkout (:func:`fetch_ort_web` puts it there)."""
+    from scalelab import bench
+
+    candidates = [os.environ.get("SCALELAB_ORT_WEB"),
+                  bench.results_dir(start).parent / "build" / "onnxruntime-web" / "dist"]
+    for c in candidates:
+        if c and (Path(c) / "ort.min.js").exists():
+            return Path(c)
+    return None
+
+
+def fetch_ort_web(dest: str | os.PathLike | None = None, version: str = ORT_WEB_VERSION) -> Path:
+    """Download onnxruntime-web from npm (``npm pack``) and unpack its ``dist`` folder
+    into ``dest`` (default ``build/onnxruntime-web``). Needs ``npm``."""
+    import shutil
+    import tarfile
+
+    from scalelab import bench
+
+    dest = Path(dest) if dest else bench.results_dir().parent / "build" / "onnxruntime-web"
+    if shutil.which("npm") is None:
+        raise RuntimeError("npm is not installed; get onnxruntime-web's dist/ folder some other way")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["npm", "pack", f"onnxruntime-web@{version}", "--silent"], cwd=tmp, check=True,
+                       capture_output=True, timeout=300)
+        tgz = next(Path(tmp).glob("onnxruntime-web-*.tgz"))
+        with tarfile.open(tgz) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith("package/dist/")
+                       and (m.name.endswith(("ort.min.js", ".wasm")) or "ort-wasm-simd-threaded" in m.name)]
+            tar.extractall(tmp, members=members, filter="data")
+        if (dest / "dist").exists():
+            shutil.rmtree(dest / "dist")
+        shutil.move(str(Path(tmp) / "package" / "dist"), dest / "dist")
+    return dest / "dist"
+
+
+def write_web_demo(directory: str | os.PathLike, onnx_path: str | os.PathLike, samples: np.ndarray,
+                   ort_src: str | os.PathLike = ORT_CDN) -> Path:
+    """A static page that runs the ONNX model client-side with onnxruntime-web on
+    ``samples`` and shows the probabilities (open it through any static web server).
+    ``ort_src``: a URL of ``ort.min.js``, or a local ``dist`` folder to copy next to the page."""
+    import shutil
+
+    from scalelab import io
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not str(ort_src).startswith(("http://", "https://")):
+        local = Path(ort_src)
+        for f in local.iterdir():
+            if f.name == "ort.min.js" or (f.name.startswith("ort-wasm-simd-threaded") and f.suffix in (".wasm", ".mjs")):
+                shutil.copyfile(f, directory / f.name)
+        ort_src = "ort.min.js"
+    shutil.copyfile(onnx_path, directory / "model.onnx")
+    io.write_json(directory / "samples.json", {"inputs": np.asarray(samples, np.float32).round(4).tolist()})
+    kb = (directory / "model.onnx").stat().st_size / 1e3
+    io.write_text(directory / "index.html", PAGE.format(ort_src=ort_src, kb=kb))
+    return directory
+
+
+def find_chromium() -> str | None:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def run_in_browser(directory: str | os.PathLike, chromium: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """Serve ``directory`` on a local port and load its page in headless Chromium; return
+    what the page computed. Raises RuntimeError if no Chromium is installed."""
+    import functools
+    import http.server
+    import re
+    import threading
+
+    chromium = chromium or find_chromium()
+    if chromium is None:
+        raise RuntimeError("no Chromium or Chrome found (install the 'chromium' package)")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # no access log on stderr
+            pass
+
+    handler = functools.partial(Quiet, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/index.html"
+        with tempfile.TemporaryDirectory() as profile:
+            out = subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+                                  f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url],
+                                 capture_output=True, text=True, timeout=timeout)
+    finally:
+        server.shutdown()
+        server.server_close()
+    m = re.search(r'<pre id="result">(.*?)</pre>', out.stdout, re.S)
+    text = m.group(1) if m else ""
+    if not text.startswith("{"):
+        raise RuntimeError(f"the page did not compute a result: {text[:300] or out.stderr[-500:]}")
+    return json.loads(text)
+
+
+# --------------------------------------------------------------------------- serving model and benchmark
+
+
+def serving_model(directory: str | os.PathLike, hidden: Sequence[int] = (1024, 1024), steps: int = 200,
+                  seed: int = 0) -> dict[str, Path]:
+    """Train the chapter-12 MLP briefly and save it both ways: ``saved`` (configuration +
+    parameters) and ``exported`` (StableHLO + weights). Returns the two folders."""
+    from scalelab import checkpoint as ck
+
+    cfg = ck.ModelConfig(hidden=tuple(hidden), dropout=0.0)
+    state, step = ck.init_state(cfg, seed=seed)
+    it, _ = ck.digits_data(batch_size=64, seed=seed)
+    state, _ = ck.train(state, step, it, steps)
+    directory = Path(directory)
+    saved = ck.save_model(directory / "saved", cfg, state["params"])
+    exported = ck.export_inference(directory / "exported", cfg, state["params"])
+    return {"saved": saved, "exported": exported, "params": state["params"], "config": cfg}
+
+
+def bench_serve(quick: bool = False) -> dict[str, Any]:
+    """Benchmark ``serve``: throughput and latency of the batched vs unbatched server under
+    the same closed-loop load, and cold starts (model code, exported, exported + cache)."""
+    requests = 600 if quick else 3000
+    with tempfile.TemporaryDirectory() as tmp:
+        model = serving_model(tmp, steps=20 if quick else 200)
+        runs = {}
+        for name, batched in (("batched", True), ("unbatched", False)):
+            cfg = ServerConfig(str(model["exported"]), max_batch=64, max_wait_ms=5.0, batched=batched)
+            with ServerProcess(cfg) as server:
+                load_test(server.url, requests=100, concurrency=32)  # warm the connections
+                runs[name] = load_test(server.url, requests=requests, concurrency=32)
+                runs[name]["server"] = metrics(server.url)
+        cache = Path(tmp) / "jax-cache"
+        cold = {"code": cold_start("code", model["saved"])["wall_s"],
+                "exported": cold_start("exported", model["exported"])["wall_s"]}
+        cold_start("code", model["saved"], cache_dir=cache)  # fills the cache
+        cold["cached"] = cold_start("code", model["saved"], cache_dir=cache)["wall_s"]
+        cold_start("exported", model["exported"], cache_dir=cache)
+        cold["exported_cached"] = cold_start("exported", model["exported"], cache_dir=cache)["wall_s"]
+    return {
+        "model_hidden": list(model["config"].hidden), "requests": requests, "concurrency": 32,
+        "batched_rps": runs["batched"]["rps"], "unbatched_rps": runs["unbatched"]["rps"],
+        "batching_speedup": runs["batched"]["rps"] / runs["unbatched"]["rps"],
+        "p50_ms_batched": runs["batched"]["p50_ms"], "p99_ms_batched": runs["batched"]["p99_ms"],
+        "p50_ms_unbatched": runs["unbatched"]["p50_ms"], "p99_ms_unbatched": runs["unbatched"]["p99_ms"],
+        "mean_batch_rows": runs["batched"]["server"]["mean_batch_rows"],
+        "status_5xx": runs["batched"]["status_5xx"] + runs["unbatched"]["status_5xx"],
+        "cold_start_s_code": cold["code"], "cold_start_s_exported": cold["exported"],
+        "cold_start_s_cached": cold["cached"], "cold_start_s_exported_cached": cold["exported_cached"],
+        "cached_means": "model code with JAX's persistent compilation cache filled by an earlier start",
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m scalelab.serve", description="Serve an exported model over HTTP.")
+    ap.add_argument("--model", help=f"exported model folder (or {ENV_PREFIX}MODEL_DIR)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--workers", type=int, default=1, help="server processes behind the one address")
+    ap.add_argument("--max-batch", type=int)
+    ap.add_argument("--max-wait-ms", type=float)
+    ap.add_argument("--unbatched", action="store_true", help="one request at a time (the baseline)")
+    a = ap.parse_args(argv)
+    import uvicorn
+
+    overrides = {"MODEL_DIR": a.model, "MAX_BATCH": a.max_batch, "MAX_WAIT_MS": a.max_wait_ms,
+                 "BATCHED": "false" if a.unbatched else None}
+    for key, value in overrides.items():
+        if value is not None:
+            os.environ[ENV_PREFIX + key] = str(value)
+    ServerConfig.from_env()  # fail early, with the message, if the configuration is incomplete
+    uvicorn.run("scalelab.serve:create_app", factory=True, host=a.host, port=a.port, workers=a.workers,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
