@@ -3,7 +3,6 @@
 import asyncio
 import json
 
-import httpx
 import jax
 import numpy as np
 import pytest
@@ -84,18 +83,18 @@ def test_server_answers_survives_bad_load_and_stops(model, predictor):
     cfg = serve.ServerConfig(str(model["exported"]), max_batch=16, max_rows=16)
     with serve.ServerProcess(cfg) as server:
         x = np.random.default_rng(0).random((3, 64)).round(4)
-        r = httpx.post(server.url + "/predict", json={"inputs": x.tolist()}, timeout=30)
-        assert r.status_code == 200
-        np.testing.assert_allclose(r.json()["probabilities"], predictor(x.astype(np.float32)), atol=2e-6)
-        bad = httpx.post(server.url + "/predict", content=b"{nope", timeout=30)
-        assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]
+        status, answer = serve.http_json(server.url + "/predict", {"inputs": x.tolist()})
+        assert status == 200
+        np.testing.assert_allclose(answer["probabilities"], predictor(x.astype(np.float32)), atol=2e-6)
+        status, answer = serve.http_json(server.url + "/predict", b"{nope")
+        assert status == 400 and "malformed JSON" in answer["error"]
         result = serve.load_test(server.url, requests=200, concurrency=16, bad_fraction=0.3, seed=1)
         assert result["status_5xx"] == 0 and result["no_answer"] == 0
         assert result["good_ok"] == result["good_requests"] > 0  # every good request answered
         assert result["bad_4xx"] == result["bad_requests"] > 0  # every bad one refused with a 4xx
         m = serve.metrics(server.url)
         assert m["requests"] >= result["good_requests"] and m["rejected"] >= result["bad_requests"]
-        assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+        assert serve.http_json(server.url + "/health")[1]["status"] == "ok"
         proc = server.proc
     assert proc.poll() is not None  # stopped
 
@@ -104,9 +103,8 @@ def test_several_workers_behind_one_address(model):
     cfg = serve.ServerConfig(str(model["exported"]), max_batch=8)
     with serve.ServerProcess(cfg, workers=2) as server:
         pids = set()
-        for _ in range(60):
-            with httpx.Client(timeout=10) as c:  # a new connection each time
-                pids.add(c.get(server.url + "/health").json()["pid"])
+        for _ in range(60):  # each call opens a new connection; the kernel spreads them over the workers
+            pids.add(serve.http_json(server.url + "/health")[1]["pid"])
             if len(pids) == 2:
                 break
     assert len(pids) == 2

@@ -120,6 +120,11 @@ register(
     "scalelab.monitor:bench_monitor",
     "Chapter 13: resource sampler overhead; step-time prediction from small runs vs a measured larger run",
 )
+register(
+    "serve",
+    "scalelab.serve:bench_serve",
+    "Chapter 14: batched vs unbatched HTTP serving under load (throughput, p50/p99), cold starts",
+)
 
 # --------------------------------------------------------------------------- timing
 

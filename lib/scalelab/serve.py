@@ -310,26 +310,23 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> ServerProcess:
-        import httpx
+        import urllib.error
 
         cmd = [sys.executable, "-m", "scalelab.serve", "--port", str(self.port), "--workers", str(self.workers)]
         env = {**os.environ, **self.config.to_env(), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.timeout
-        pids: set[int] = set()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._log.seek(0)
                 raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n"
                                    f"{self._log.read().decode(errors='replace')[-2000:]}")
             try:
-                r = httpx.get(self.url + "/health", timeout=2)
-                if r.status_code == 200 and r.json()["status"] == "ok":
-                    pids.add(r.json()["pid"])
-                    if len(pids) >= min(self.workers, 1):
-                        return self
-            except httpx.HTTPError:
+                status, health = http_json(self.url + "/health", timeout=2)
+                if status == 200 and health["status"] == "ok":
+                    return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
         self.stop()
@@ -374,14 +371,16 @@ def _payloads(features: int, count: int, rows: int, bad_fraction: float, seed: i
 
 
 async def _drive(url: str, payloads, concurrency: int, timeout: float) -> list[tuple[bool, int, float]]:
-    import httpx
+    import aiohttp
 
     queue: asyncio.Queue = asyncio.Queue()
     for p in payloads:
         queue.put_nowait(p)
     results: list[tuple[bool, int, float]] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=timeout)) as session:
 
         async def worker():
             while True:
@@ -391,14 +390,29 @@ async def _drive(url: str, payloads, concurrency: int, timeout: float) -> list[t
                     return
                 start = time.perf_counter()
                 try:
-                    r = await client.post("/predict", content=body, headers={"content-type": "application/json"})
-                    status = r.status_code
-                except httpx.HTTPError:
+                    async with session.post("/predict", data=body, headers=headers) as r:
+                        await r.read()
+                        status = r.status
+                except (aiohttp.ClientError, TimeoutError):
                     status = 0  # no answer at all
                 results.append((good, status, time.perf_counter() - start))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
+
+
+def http_json(url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+    """A plain (blocking) GET, or POST of ``body`` as JSON; returns (status, parsed JSON)."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
 
 
 def load_test(url: str, requests: int = 1000, concurrency: int = 32, rows: int = 1, bad_fraction: float = 0.0,
@@ -432,9 +446,8 @@ def load_test(url: str, requests: int = 1000, concurrency: int = 32, rows: int =
 
 
 def metrics(url: str) -> dict[str, Any]:
-    import httpx
-
-    return httpx.get(url + "/metrics", timeout=10).json()
+    """The server's counters (requests, rows, batches, rejected, mean batch size)."""
+    return http_json(url + "/metrics")[1]
 
 
 # --------------------------------------------------------------------------- cold starts
