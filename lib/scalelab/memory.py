@@ -1,0 +1,361 @@
+"""Chapter 10: memory-efficient backpropagation — rematerialisation (``jax.checkpoint``),
+sqrt(n) segment checkpointing (Chen et al. 2016), checkpoint policies, and gradient
+accumulation as the other lever, all measured from XLA's compiled memory analysis.
+
+Backpropagation keeps what each layer's backward step needs (its input, and intermediates
+such as ``tanh(z)``) from the forward pass until the backward pass reaches that layer, so
+activation memory grows linearly with depth and batch. Rematerialisation stores less and
+recomputes the rest during the backward pass: per-layer remat still keeps every layer's
+input (linear), while checkpointing only the inputs of sqrt(n) segments of sqrt(n) layers
+keeps O(sqrt(n)) for one extra forward pass.
+
+The model is a deep, narrow residual MLP, ``h <- h + tanh(h @ W_i)``, with the layer weights
+stacked as ``(depth, width, width)`` and the layers in ``lax.scan`` (remat is invisible in an
+unrolled Python loop: XLA's fusion already recomputes cheap ops, see PITFALLS).
+Memory comes from ``jax.jit(f).lower(...).compile().memory_analysis()`` (argument + output +
+temp - alias), which works on every backend; where the backend keeps allocator statistics
+(GPU), :func:`peak_bytes` also measures the peak of a real run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from scalelab import bench
+
+# --------------------------------------------------------------------------- the model
+
+#: How each variant treats the layers. ``sqrt`` checkpoints segments, the others single layers.
+VARIANTS: dict[str, str] = {
+    "none": "no remat: every layer keeps what its backward step needs",
+    "full": "jax.checkpoint on each layer: keep only each layer's input, recompute the rest",
+    "sqrt": "nested scan: keep only the input of each of ~sqrt(n) segments of ~sqrt(n) layers",
+    "dots_saveable": "per-layer checkpoint, policy dots_saveable: keep matmul outputs, recompute tanh",
+    "save_only_these_names": "per-layer checkpoint, policy save_only_these_names('pre'): keep the named h @ W",
+}
+
+
+def layer(h: jax.Array, w: jax.Array) -> jax.Array:
+    """One residual layer ``h + tanh(h @ w)``; the pre-activation is named ``"pre"``."""
+    z = checkpoint_name(h @ w, "pre")
+    return h + jnp.tanh(z)
+
+
+def checkpoint_policy(variant: str) -> Callable[..., Any] | None:
+    """The ``jax.checkpoint`` policy of a per-layer variant (None: save nothing but inputs)."""
+    _check_variant(variant)
+    policies = jax.checkpoint_policies
+    return {
+        "full": None,
+        "dots_saveable": policies.dots_saveable,
+        "save_only_these_names": policies.save_only_these_names("pre"),
+    }.get(variant)
+
+
+def _check_variant(variant: str) -> None:
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"unknown remat variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+
+
+def segment_sizes(depth: int, segment: int | None = None) -> tuple[int, int, int]:
+    """How :func:`forward` splits ``depth`` layers for sqrt(n) checkpointing.
+
+    Returns ``(segment, full_segments, remainder)``: ``full_segments`` segments of ``segment``
+    layers, then one shorter segment of ``remainder`` layers (0 when ``segment`` divides
+    ``depth``). The default segment length is ``round(sqrt(depth))``, so any depth works.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int | np.integer) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    depth = int(depth)
+    if segment is None:
+        segment = max(1, round(math.sqrt(depth)))
+    elif isinstance(segment, bool) or not isinstance(segment, int | np.integer) or not 1 <= segment <= depth:
+        raise ValueError(f"segment must be an integer in 1..{depth} (the depth), got {segment!r}")
+    segment = int(segment)
+    return segment, depth // segment, depth % segment
+
+
+def _scan_layers(h: jax.Array, ws: jax.Array, policy: Any = None, remat: bool = False) -> jax.Array:
+    """Apply the stacked layers ``ws`` in a ``lax.scan``; optionally checkpoint each layer."""
+    def body(h, w):
+        return layer(h, w), None
+
+    if remat:
+        body = jax.checkpoint(body, policy=policy)
+    h, _ = lax.scan(body, h, ws)
+    return h
+
+
+def _scan_segments(h: jax.Array, ws: jax.Array, segment: int | None) -> jax.Array:
+    """sqrt(n) checkpointing: an outer scan over segments, each a checkpointed inner scan."""
+    k, full, rest = segment_sizes(ws.shape[0], segment)
+    run_segment = jax.checkpoint(_scan_layers)  # keeps only the segment's input h
+    segments = ws[: full * k].reshape(full, k, *ws.shape[1:])
+    h, _ = lax.scan(lambda h, seg: (run_segment(h, seg), None), h, segments)
+    if rest:
+        h = run_segment(h, ws[full * k:])
+    return h
+
+
+def _check_shapes(ws: Any, x: Any) -> None:
+    if len(ws.shape) != 3 or ws.shape[1] != ws.shape[2] or ws.shape[0] < 1:
+        raise ValueError(f"ws must be stacked square layer weights (depth >= 1, width, width), got shape {ws.shape}")
+    if len(x.shape) != 2 or x.shape[1] != ws.shape[1]:
+        raise ValueError(f"x must have shape (batch, {ws.shape[1]}) to match ws, got {x.shape}")
+
+
+def forward(ws: jax.Array, x: jax.Array, variant: str = "none", segment: int | None = None) -> jax.Array:
+    """The deep MLP's output for inputs ``x`` (batch, width), computed as ``variant`` says.
+
+    Every variant computes the same function; they differ only in what the backward pass
+    finds stored and what it recomputes. ``segment`` (sqrt only) overrides the segment length.
+    """
+    _check_variant(variant)
+    _check_shapes(ws, x)
+    if variant == "none":
+        return _scan_layers(x, ws)
+    if variant == "sqrt":
+        return _scan_segments(x, ws, segment)
+    return _scan_layers(x, ws, checkpoint_policy(variant), remat=True)
+
+
+def loss(ws: jax.Array, x: jax.Array, variant: str = "none", segment: int | None = None) -> jax.Array:
+    """A scalar to differentiate: the mean of the network's output."""
+    return jnp.mean(forward(ws, x, variant, segment))
+
+
+def grad_fn(variant: str = "none", segment: int | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The jitted gradient of :func:`loss` with respect to the stacked weights."""
+    _check_variant(variant)
+    return jax.jit(jax.grad(lambda ws, x: loss(ws, x, variant, segment)))
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def init(depth: int, width: int, batch: int, seed: int = 0, scale: float = 0.5) -> tuple[jax.Array, jax.Array]:
+    """Random stacked weights ``(depth, width, width)`` and inputs ``(batch, width)``."""
+    _check_sizes(depth=depth, width=width, batch=batch)
+    kw, kx = jax.random.split(jax.random.key(seed))
+    ws = jax.random.normal(kw, (depth, width, width), jnp.float32) * (scale / math.sqrt(width))
+    x = jax.random.normal(kx, (batch, width), jnp.float32)
+    return ws, x
+
+
+def shapes(depth: int, width: int, batch: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """Abstract arguments (no memory is allocated) for compiling without running."""
+    _check_sizes(depth=depth, width=width, batch=batch)
+    return (jax.ShapeDtypeStruct((depth, width, width), jnp.float32),
+            jax.ShapeDtypeStruct((batch, width), jnp.float32))
+
+
+class DeepMLP(nnx.Module):
+    """The same network as an NNX classifier (``width`` classes), so chapter 05's
+    ``train.mean_grads`` / ``train.grad_memory_bytes`` (gradient accumulation) apply to it."""
+
+    def __init__(self, depth: int, width: int, variant: str = "none", segment: int | None = None,
+                 *, rngs: nnx.Rngs):
+        _check_sizes(depth=depth, width=width)
+        _check_variant(variant)
+        segment_sizes(depth, segment)
+        self.input_shape = (width,)
+        self.variant, self.segment = variant, segment
+        scale = 0.5 / math.sqrt(width)
+        self.ws = nnx.Param(jax.random.normal(rngs.params(), (depth, width, width), jnp.float32) * scale)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return forward(self.ws[...], x, self.variant, self.segment)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def saved_residuals(f: Callable[..., Any], *args: Any) -> list[str]:
+    """What reverse-mode autodiff of ``f`` keeps from the forward pass for the backward
+    pass (JAX's ``print_saved_residuals``), one line per array, source locations removed."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        print_saved_residuals(f, *args)
+    return [re.sub(r" from \S+:\d+(:\d+)?( \(.*\))?$", "", line) for line in buffer.getvalue().splitlines()]
+
+
+def compiled_bytes(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
+    """XLA's memory analysis of ``jax.jit(fn)`` compiled for ``args`` (arrays or
+    ``ShapeDtypeStruct``; nothing is run). ``total = argument + output + temp - alias``:
+    ``temp`` holds the activations kept for the backward pass."""
+    mem = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if mem is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend gives no compiled memory analysis")
+    out = {"argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
+           "temp": int(mem.temp_size_in_bytes), "alias": int(mem.alias_size_in_bytes)}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def compiled_flops(fn: Callable[..., Any], *args: Any) -> float:
+    """XLA's FLOP estimate for ``jax.jit(fn)``. Caution: XLA's cost model counts a loop
+    body once, whatever its trip count, so compare variants with the same loop structure."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, list | tuple):  # older JAX returned one dict per computation
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def activation_bytes(variant: str, depth: int, width: int, batch: int, segment: int | None = None) -> dict[str, int]:
+    """:func:`compiled_bytes` of the gradient of the deep MLP (compiled, not run)."""
+    return compiled_bytes(grad_fn(variant, segment), *shapes(depth, width, batch))
+
+
+def peak_bytes(fn: Callable[..., Any], *args: Any, device: Any = None) -> int | None:
+    """Bytes the allocator's peak rose above what was in use before running ``fn(*args)``
+    once (temp + output; the arguments were already allocated), or None where unknown.
+
+    Only backends with allocator statistics (``device.memory_stats()``, e.g. GPU) have it.
+    The peak is a high-water mark for the whole process: if an earlier computation
+    already went higher, this run's peak cannot be seen and None is returned. On GPU the
+    function is compiled without autotuning, whose trial runs would raise the peak first.
+    """
+    device = device or jax.devices()[0]
+    stats = device.memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    options = {"xla_gpu_autotune_level": 0} if device.platform == "gpu" else None
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options=options)
+    stats = device.memory_stats()
+    before, peak_before = stats["bytes_in_use"], stats["peak_bytes_in_use"]
+    jax.block_until_ready(compiled(*args))
+    peak_after = device.memory_stats()["peak_bytes_in_use"]
+    if peak_after <= peak_before:
+        return None
+    return int(peak_after - before)
+
+
+def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ``log y`` against ``log x``: the exponent p of ``y ~ c x^p``."""
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    if x.ndim != 1 or x.shape != y.shape or len(x) < 2:
+        raise ValueError(f"need two 1-D sequences of equal length >= 2, got shapes {x.shape} and {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0) and np.all(y > 0)):
+        raise ValueError("fit_slope needs finite, positive values on both axes (it fits on log-log axes)")
+    lx, ly = np.log(x), np.log(y)
+    if np.ptp(lx) == 0:
+        raise ValueError("fit_slope needs at least two different x values")
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def memory_sweep(variants: Sequence[str], depths: Sequence[int], width: int, batch: int) -> dict[str, list[int]]:
+    """Total compiled bytes of each variant's gradient at each depth."""
+    return {v: [activation_bytes(v, d, width, batch)["total"] for d in depths] for v in variants}
+
+
+def step_time(variant: str, depth: int, width: int, batch: int, repeat: int = 3) -> float:
+    """Best seconds per gradient computation (compiled, run on real data)."""
+    g = grad_fn(variant)
+    ws, x = init(depth, width, batch)
+    return bench.timeit(g, ws, x, repeat=repeat, number=1, warmup=1).best
+
+
+def policy_table(depth: int, width: int, batch: int, variants: Sequence[str] = tuple(VARIANTS),
+                 repeat: int = 3) -> list[dict[str, Any]]:
+    """Bytes and step time of every variant at one size, with ratios to no remat."""
+    rows = []
+    for v in variants:
+        mem = activation_bytes(v, depth, width, batch)
+        rows.append({"variant": v, "MiB": mem["total"] / 2**20, "temp MiB": mem["temp"] / 2**20,
+                     "step ms": 1e3 * step_time(v, depth, width, batch, repeat)})
+    base = next((r for r in rows if r["variant"] == "none"), rows[0])
+    for r in rows:
+        r["memory ratio"] = r["MiB"] / base["MiB"]
+        r["time ratio"] = r["step ms"] / base["step ms"]
+    return rows
+
+
+def accumulation_bytes(depth: int, width: int, batch: int, micro_batches: Sequence[int],
+                       variant: str = "none") -> list[dict[str, Any]]:
+    """Compiled bytes of the classifier gradient with gradient accumulation (chapter 05's
+    ``train.grad_memory_bytes``), for each number of micro-batches."""
+    from scalelab import train
+
+    model = DeepMLP(depth, width, variant, rngs=nnx.Rngs(0))
+    rows = []
+    for k in micro_batches:
+        mem = train.grad_memory_bytes(model, batch, width, micro_batches=k)
+        rows.append({"variant": variant, "micro_batches": k, "micro_batch": batch // k,
+                     "total": mem["argument"] + mem["output"] + mem["temp"], **mem})
+    return rows
+
+
+def loglog_axes(ax: Any, xticks: Sequence[float]) -> None:
+    """Log-log axes with plain-number ticks: ``xticks`` on x, 1-2-5 steps on y."""
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    ax.set(xscale="log", yscale="log")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(list(xticks), [f"{v:g}" for v in xticks])
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter("{x:g}")
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def bench_remat(quick: bool = False) -> dict[str, Any]:
+    """Benchmark ``remat``: activation memory vs depth without remat, with per-layer and
+    sqrt(n) checkpointing (fitted log-log slopes), and the step-time cost of sqrt(n).
+
+    Narrow layers (width 32) and a large batch (2048) make activations dominate the
+    parameters: 256 KiB of activations per layer input against 4 KiB of weights.
+    """
+    width, batch = 32, 2048
+    depths = [16, 64, 256] if quick else [16, 32, 64, 128, 256, 512, 1024]
+    top = depths[-1]
+    ws, x = init(top, width, batch)
+    # allocator peaks (GPU) before anything else, the smaller run first: the peak only ever rises
+    peak_sqrt = peak_bytes(grad_fn("sqrt"), ws, x)
+    peak_none = peak_bytes(grad_fn("none"), ws, x)
+    sweep = memory_sweep(["none", "sqrt", "full"], depths, width, batch)
+    times = {v: bench.timeit(grad_fn(v), ws, x, repeat=3 if quick else 5, number=1).best
+             for v in ("none", "sqrt", "full")}
+    flops = {v: compiled_flops(grad_fn(v), *shapes(4, width, batch)) for v in ("none", "full")}
+    return {
+        "platform": jax.default_backend(),
+        "width": width, "batch": batch, "depths": depths,
+        "segment_at_max_depth": segment_sizes(top)[0],
+        "baseline_bytes": sweep["none"], "sqrt_bytes": sweep["sqrt"], "full_remat_bytes": sweep["full"],
+        "slope_baseline": fit_slope(depths, sweep["none"]),
+        "slope_sqrt": fit_slope(depths, sweep["sqrt"]),
+        "slope_full_remat": fit_slope(depths, sweep["full"]),
+        "memory_ratio_at_max_depth": sweep["sqrt"][-1] / sweep["none"][-1],
+        "full_remat_ratio_at_max_depth": sweep["full"][-1] / sweep["none"][-1],
+        "step_s": times,
+        "time_overhead_sqrt": times["sqrt"] / times["none"],
+        "time_overhead_full": times["full"] / times["none"],
+        "flops_ratio_full_per_layer": flops["full"] / flops["none"],
+        "peak_bytes_baseline": peak_none,
+        "peak_bytes_sqrt": peak_sqrt,
+        "compiled_temp_output_bytes_baseline": _temp_output(activation_bytes("none", top, width, batch)),
+        "compiled_temp_output_bytes_sqrt": _temp_output(activation_bytes("sqrt", top, width, batch)),
+    }
+
+
+def _temp_output(mem: dict[str, int]) -> int:
+    return mem["temp"] + mem["output"] - mem["alias"]

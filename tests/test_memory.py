@@ -1,0 +1,165 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scalelab import memory, train
+
+
+@pytest.mark.parametrize("depth", [1, 7, 16])
+def test_every_variant_gives_the_no_remat_gradient(depth):
+    ws, x = memory.init(depth, 8, 16, seed=depth)
+    out = memory.forward(ws, x)
+    ref = memory.grad_fn("none")(ws, x)
+    assert float(jnp.abs(ref).max()) > 0
+    for variant in memory.VARIANTS:
+        np.testing.assert_allclose(memory.forward(ws, x, variant), out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(memory.grad_fn(variant)(ws, x), ref, rtol=1e-4, atol=5e-5, err_msg=variant)
+
+
+@pytest.mark.parametrize("segment", [1, 2, 3, 5])
+def test_sqrt_gradient_with_any_segment_length(segment):
+    ws, x = memory.init(5, 4, 8, seed=1)
+    np.testing.assert_allclose(memory.grad_fn("sqrt", segment)(ws, x), memory.grad_fn("none")(ws, x),
+                               rtol=1e-4, atol=5e-5)
+
+
+def test_layer_is_the_residual_tanh_layer():
+    ws, x = memory.init(2, 3, 4)
+    expected = x + jnp.tanh(x @ ws[0])
+    expected = expected + jnp.tanh(expected @ ws[1])
+    np.testing.assert_allclose(memory.forward(ws, x, "sqrt"), expected, rtol=1e-5, atol=1e-6)
+
+
+@given(st.integers(1, 5000))
+def test_segment_sizes_cover_the_depth(depth):
+    k, full, rest = memory.segment_sizes(depth)
+    assert k * full + rest == depth and 0 <= rest < k and full >= 1
+    assert abs(k - math.sqrt(depth)) <= 0.5 + 1e-9
+    assert memory.segment_sizes(depth, 1) == (1, depth, 0)
+    assert memory.segment_sizes(depth, depth) == (depth, 1, 0)
+
+
+def test_compiled_bytes_accounting():
+    mem = memory.activation_bytes("none", 16, 8, 64)
+    assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+    # arguments: the weights and the inputs; output: the gradient of the weights
+    assert mem["argument"] >= 4 * (16 * 8 * 8 + 64 * 8)
+    assert mem["output"] >= 4 * 16 * 8 * 8
+    assert memory.compiled_bytes(lambda a: a * 2, jnp.ones(10))["argument"] == 40
+
+
+def test_memory_grows_with_depth_and_batch_and_remat_saves_it():
+    depths = [16, 64, 256]
+    sweep = memory.memory_sweep(["none", "full", "sqrt"], depths, 8, 512)
+    for variant, values in sweep.items():
+        assert values == sorted(values) and values[0] < values[-1], variant
+    assert all(f < n and s < n for n, f, s in zip(sweep["none"], sweep["full"], sweep["sqrt"], strict=True))
+    assert sweep["sqrt"][-1] < sweep["full"][-1] / 3  # per-layer remat is still linear in depth
+    assert memory.fit_slope(depths, sweep["none"]) > 0.85
+    assert memory.fit_slope(depths, sweep["sqrt"]) < 0.65
+    small, large = (memory.activation_bytes("none", 32, 8, b)["temp"] for b in (256, 1024))
+    assert 3.5 < large / small < 4.5
+
+
+def test_checkpoint_policies_save_between_nothing_and_everything():
+    none, full, dots, named = (memory.activation_bytes(v, 64, 8, 512)["total"]
+                               for v in ("none", "full", "dots_saveable", "save_only_these_names"))
+    assert full < none
+    for policy in (dots, named):  # on some backends (GPU) the compiler already keeps only two arrays
+        assert full < policy <= 1.01 * none
+
+
+def test_per_layer_remat_recomputes_one_forward():
+    args = memory.shapes(4, 32, 256)
+    ratio = memory.compiled_flops(memory.grad_fn("full"), *args) / memory.compiled_flops(memory.grad_fn("none"), *args)
+    assert 1.2 < ratio < 1.5
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(-3, 3), st.floats(1e-3, 1e6),
+       st.lists(st.floats(1e-2, 1e4), min_size=2, max_size=12, unique=True).filter(
+           lambda xs: max(xs) / min(xs) > 1.5))
+def test_fit_slope_recovers_power_laws(p, c, xs):
+    ys = [c * x**p for x in xs]
+    assert memory.fit_slope(xs, ys) == pytest.approx(p, abs=1e-6)
+
+
+def test_fit_slope_rejects_bad_input():
+    for xs, ys in (([1], [1]), ([1, 2], [1]), ([1, 2], [0, 1]), ([-1, 2], [1, 1]), ([2, 2], [1, 3]),
+                   ([1, float("nan")], [1, 2])):
+        with pytest.raises(ValueError):
+            memory.fit_slope(xs, ys)
+
+
+def test_clear_errors_on_bad_input():
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+        memory.init(0, 8, 8)
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+        memory.segment_sizes(0)
+    with pytest.raises(ValueError, match="width"):
+        memory.shapes(4, 0, 8)
+    with pytest.raises(ValueError, match=r"segment must be an integer in 1\.\.4"):
+        memory.segment_sizes(4, 5)
+    with pytest.raises(ValueError, match="unknown remat variant 'sqrt_n'"):
+        memory.grad_fn("sqrt_n")
+    with pytest.raises(ValueError, match="unknown remat variant"):
+        memory.checkpoint_policy("dots")
+    ws, x = memory.init(3, 4, 2)
+    with pytest.raises(ValueError, match="unknown remat variant"):
+        memory.forward(ws, x, "everything")
+    with pytest.raises(ValueError, match="x must have shape"):
+        memory.forward(ws, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="stacked square layer weights"):
+        memory.forward(ws[0], x)
+    with pytest.raises(ValueError, match="segment must be"):
+        memory.forward(ws, x, "sqrt", segment=4)
+    with pytest.raises(ValueError, match="unknown remat variant"):
+        memory.DeepMLP(4, 8, "half", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="depth"):
+        memory.DeepMLP(0, 8, rngs=nnx.Rngs(0))
+
+
+def test_peak_bytes_is_none_without_allocator_statistics():
+    if jax.devices()[0].memory_stats():
+        pytest.skip("this backend keeps allocator statistics")
+    assert memory.peak_bytes(memory.grad_fn("none"), *memory.init(2, 4, 4)) is None
+
+
+def test_accumulation_with_remat_equals_the_full_batch_gradient():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(32, 8)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 8, 32).astype(np.int32))
+    ref_model = memory.DeepMLP(9, 8, "none", rngs=nnx.Rngs(3))
+    ref = train.mean_grads(ref_model, x, y, 1)
+    for variant in ("sqrt", "full"):
+        model = memory.DeepMLP(9, 8, variant, rngs=nnx.Rngs(3))
+        got = train.mean_grads(model, x, y, 4)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def test_accumulation_bytes_shrink_with_micro_batches():
+    rows = memory.accumulation_bytes(64, 8, 512, [1, 4, 16])
+    temps = [r["temp"] for r in rows]
+    assert temps == sorted(temps, reverse=True) and temps[0] > 3 * temps[-1]
+    assert [r["micro_batch"] for r in rows] == [512, 128, 32]
+
+
+
+def test_saved_residuals_show_what_each_variant_keeps():
+    ws, x = memory.init(9, 4, 8)
+
+    def kept(variant):
+        return memory.saved_residuals(lambda ws, x: memory.loss(ws, x, variant), ws, x)
+
+    activations = [line for line in kept("none") if line.startswith("f32[9,8,4]")]
+    assert len(activations) >= 2  # the layer inputs and at least one intermediate per layer
+    assert [line for line in kept("full") if "8,4]" in line] == ["f32[9,8,4] output of scan"]
+    assert [line for line in kept("sqrt") if "8,4]" in line] == ["f32[3,8,4] output of scan"]
+    assert not any("/" in line for line in kept("none"))
