@@ -300,8 +300,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m scalelab.serve`` in its own process group, started and waited for, and
-    always stopped (SIGTERM, then SIGKILL for the whole group) — use it with ``with``."""
+    """``python -m scalelab.serve`` in its own process group, started and waited for (until
+    every worker process has answered ``/health``), and always stopped (SIGTERM, then
+    SIGKILL for the whole group) — use it with ``with``."""
 
     def __init__(self, config: ServerConfig, workers: int = 1, port: int | None = None, timeout: float = 120.0):
         if workers < 1:
@@ -319,15 +320,19 @@ class ServerProcess:
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.timeout
+        ready: set[int] = set()  # worker processes that have answered: each starts (and warms up) on its own
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._log.seek(0)
                 raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n"
                                    f"{self._log.read().decode(errors='replace')[-2000:]}")
             try:
-                status, health = http_json(self.url + "/health", timeout=2)
+                status, health = http_json(self.url + "/health", timeout=2)  # a new connection each time
                 if status == 200 and health["status"] == "ok":
-                    return self
+                    ready.add(health["pid"])
+                    if len(ready) >= self.workers:
+                        return self
+                    continue
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
