@@ -311,6 +311,7 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.worker_pids: list[int] = []  # the processes that answered /health at start
 
     def start(self) -> ServerProcess:
         import urllib.error
@@ -331,6 +332,7 @@ class ServerProcess:
                 if status == 200 and health["status"] == "ok":
                     ready.add(health["pid"])
                     if len(ready) >= self.workers:
+                        self.worker_pids = sorted(ready)
                         return self
                     continue
             except (urllib.error.URLError, ConnectionError, TimeoutError):
