@@ -618,13 +618,22 @@ class Pipeline:
             t.join(timeout=5)
         self._threads = []
 
-    def close(self) -> None:
-        """Stop the threads and terminate the worker processes."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the threads and terminate the worker processes (SIGKILL for any that do not
+        stop within ``timeout`` seconds of SIGTERM: a stuck worker must not hang the caller)."""
         self._shutdown_threads()
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        workers = list(getattr(pool, "_pool", []))  # the worker processes, before terminate forgets them
+        stopper = threading.Thread(target=pool.terminate, daemon=True, name="pool-terminate")
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            for w in workers:
+                if w.is_alive():
+                    w.kill()
+            stopper.join(timeout)
 
     def __enter__(self) -> Pipeline:
         return self
