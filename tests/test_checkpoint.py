@@ -99,7 +99,7 @@ def test_registry_promotes_and_loads_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     from scalelab import train
 
-    train._mlflow(uri, "ch12-test")
+    train.mlflow_experiment(uri, "ch12-test")
     state, *_ = _fresh()
     versions = []
     for acc in (0.5, 0.7):

@@ -523,7 +523,7 @@ def _client(uri: str | None = None):
 
     from scalelab import train
 
-    return mlflow.MlflowClient(tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or train.default_tracking_uri())
+    return mlflow.MlflowClient(tracking_uri=train.tracking_uri(uri))
 
 
 def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
@@ -538,7 +538,7 @@ def log_run(experiment: str, cfg: ModelConfig, metrics: dict[str, float], model_
     Returns the run id (what a registered version links to)."""
     from scalelab import train
 
-    mlflow = train._mlflow(uri or os.environ.get("MLFLOW_TRACKING_URI"), experiment)
+    mlflow = train.mlflow_experiment(uri, experiment)
     with mlflow.start_run() as run:
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

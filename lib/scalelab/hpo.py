@@ -1071,7 +1071,7 @@ def track_study(study: optuna.Study, experiment: str = "hpo", uri: str | None = 
 
     from scalelab import train
 
-    mlflow = train._mlflow(uri, experiment)
+    mlflow = train.mlflow_experiment(uri, experiment)
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(experiment)
     done = {r.data.tags.get("optuna.trial") for r in client.search_runs(

@@ -200,22 +200,26 @@ def compiled_bytes(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
     """XLA's memory analysis of ``jax.jit(fn)`` compiled for ``args`` (arrays or
     ``ShapeDtypeStruct``; nothing is run). ``total = argument + output + temp - alias``:
     ``temp`` holds the activations kept for the backward pass."""
-    mem = jax.jit(fn).lower(*args).compile().memory_analysis()
-    if mem is None:
-        raise RuntimeError(f"the {jax.default_backend()} backend gives no compiled memory analysis")
-    out = {"argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
-           "temp": int(mem.temp_size_in_bytes), "alias": int(mem.alias_size_in_bytes)}
-    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
+    from scalelab import parallel
+
+    return parallel.compiled_memory(jax.jit(fn).lower(*args).compile())
 
 
 def compiled_flops(fn: Callable[..., Any], *args: Any) -> float:
     """XLA's FLOP estimate for ``jax.jit(fn)``. Caution: XLA's cost model counts a loop
     body once, whatever its trip count, so compare variants with the same loop structure."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return flops_of(jax.jit(fn).lower(*args).compile())
+
+
+def flops_of(compiled: Any) -> float:
+    """The FLOP count XLA's cost analysis reports for a compiled program."""
+    cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):  # older JAX returned one dict per computation
-        cost = cost[0]
-    return float(cost["flops"])
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    if flops is None or not math.isfinite(flops) or flops <= 0:
+        raise RuntimeError(f"XLA's cost analysis reported no FLOP count on {jax.default_backend()} (got {flops!r})")
+    return float(flops)
 
 
 def activation_bytes(variant: str, depth: int, width: int, batch: int, segment: int | None = None) -> dict[str, int]:

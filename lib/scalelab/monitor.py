@@ -46,7 +46,7 @@ import optax
 import psutil
 from flax import nnx
 
-from scalelab import io, train
+from scalelab import io, memory, train
 
 # --------------------------------------------------------------------------- samples
 
@@ -969,16 +969,6 @@ def _pure_train_step(graphdef: Any) -> Callable:
     return step
 
 
-def _flops(compiled: Any) -> float:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
-        analysis = analysis[0] if analysis else {}
-    flops = (analysis or {}).get("flops")
-    if flops is None or not math.isfinite(flops) or flops <= 0:
-        raise RuntimeError(f"XLA's cost analysis reported no FLOP count on {jax.default_backend()} (got {flops!r})")
-    return float(flops)
-
-
 def _abstract_batch(batch: int, features: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
     if batch < 1 or features < 1:
         raise ValueError(f"batch and features must be >= 1, got {batch}, {features}")
@@ -999,7 +989,7 @@ def train_step_flops(make_model: Callable[[], nnx.Module], batch: int, features:
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     graphdef, state = nnx.split(nnx.eval_shape(build))
-    return _flops(jax.jit(_pure_train_step(graphdef)).lower(state, *_abstract_batch(batch, features)).compile())
+    return memory.flops_of(jax.jit(_pure_train_step(graphdef)).lower(state, *_abstract_batch(batch, features)).compile())
 
 
 class CompiledStep:
@@ -1017,7 +1007,7 @@ class CompiledStep:
         start = time.perf_counter()
         self._compiled = jax.jit(_pure_train_step(graphdef)).lower(self.state, x, y).compile()
         self.compile_s = time.perf_counter() - start
-        self.flops = _flops(self._compiled)
+        self.flops = memory.flops_of(self._compiled)
         self.batch = batch
         rng = np.random.default_rng(seed)
         self.x = jnp.asarray(rng.random((batch, features), dtype=np.float32))

@@ -677,6 +677,8 @@ def compiled_memory(compiled) -> dict[str, int]:
     """Bytes one device needs for a compiled program, from XLA's memory analysis:
     arguments, outputs, temporaries, and the total ``argument + output + temp - alias``."""
     ma = compiled.memory_analysis()
+    if ma is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend gives no compiled memory analysis")
     out = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
            "temp": int(ma.temp_size_in_bytes), "alias": int(ma.alias_size_in_bytes)}
     out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]

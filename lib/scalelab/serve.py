@@ -237,8 +237,12 @@ class ServerConfig:
             raw = os.environ.get(ENV_PREFIX + f.name.upper())
             if raw is None:
                 continue
-            kw[f.name] = raw.lower() == "true" if f.type in ("bool", bool) else type(getattr(cls, f.name, ""))(raw) \
-                if f.name != "model_dir" else raw
+            if f.name == "model_dir":
+                kw[f.name] = raw
+            elif isinstance(f.default, bool):
+                kw[f.name] = raw.lower() == "true"
+            else:
+                kw[f.name] = type(f.default)(raw)  # int or float, as the field's default
         if "model_dir" not in kw:
             raise ValueError(f"set {ENV_PREFIX}MODEL_DIR to the exported model's folder")
         return cls(**kw)

@@ -370,14 +370,21 @@ def default_tracking_uri() -> str:
     return "sqlite:///" + str((folder / "mlflow.db").resolve())
 
 
-def _mlflow(uri: str | None, experiment: str):
+def tracking_uri(uri: str | None = None) -> str:
+    """The tracking store to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded default."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def mlflow_experiment(uri: str | None, experiment: str):
+    """The ``mlflow`` module, pointed at the store :func:`tracking_uri` picks and at
+    ``experiment`` (created on first use, with artifacts next to a SQLite store)."""
     import logging
 
     import mlflow
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
         # keep artifacts next to the database, not in ./mlruns of whatever the working directory is
@@ -399,7 +406,7 @@ class MlflowTracker(Callback):
         self._mlflow = None
 
     def on_train_begin(self, trainer, config):
-        mlflow = _mlflow(self.uri, self.experiment)
+        mlflow = mlflow_experiment(self.uri, self.experiment)
         self._mlflow = mlflow
         run = mlflow.start_run(run_name=self.run_name)
         self.run_id = run.info.run_id
@@ -425,7 +432,7 @@ class MlflowTracker(Callback):
 
 def search_runs(experiment: str, uri: str | None = None, order_by: str = "metrics.val_accuracy DESC"):
     """The runs of ``experiment`` as MLflow Run objects, best first."""
-    mlflow = _mlflow(uri, experiment)
+    mlflow = mlflow_experiment(uri, experiment)
     return mlflow.search_runs(experiment_names=[experiment], order_by=[order_by], output_format="list")
 
 
@@ -433,7 +440,7 @@ def metric_history(run_id: str, key: str, uri: str | None = None) -> list[float]
     """A run's per-epoch values of ``key``, read back from the tracker."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(uri))
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
