@@ -81,7 +81,7 @@ register(
 )
 register(
     "data_parallel",
-    "scalelab.parallel:bench_data_parallel",
+    "scalelab.parallel.data_parallel:bench_data_parallel",
     "Chapter 07: pmap / jit+NamedSharding / shard_map vs single device, step time, 2-process run",
 )
 register(
@@ -91,7 +91,7 @@ register(
 )
 register(
     "model_parallel",
-    "scalelab.parallel:bench_model_parallel",
+    "scalelab.parallel.model_parallel:bench_model_parallel",
     "Chapter 08: DP / FSDP / tensor / pipeline parallelism: equality, bytes per device, step time, bubble",
 )
 register(
