@@ -57,3 +57,32 @@ def test_notebook_template(path):
     md = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown").lower()
     for heading in ("takeaways", "exercises", "references", "<details>"):
         assert heading in md, f"{path.name}: no {heading}"
+
+
+def _readme_runtimes() -> dict[str, tuple[str, str]]:
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        m = re.match(r"\| (\d\d) \| \[.*?\]\(notebooks/([^)]+)\) \|.*\| (~[^/|]+?) / (~[^|]+?) \|$", line)
+        if m:
+            rows[m[2]] = (m[3].strip(), m[4].strip())
+    return rows
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_run_times_agree_with_readme_and_the_recorded_run(path):
+    """One source: the header's run times equal the README's row, and the full-mode time is
+    the one the committed outputs took (their execution timestamps), to the stated rounding."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import runtimes
+
+    header = runtimes.header_times(path)
+    assert header, f"{path.name}: no '**Run time on a 2-core CPU:** quick mode ~.., full mode ~..' line"
+    assert _readme_runtimes().get(path.name) == header, f"{path.name}: README row differs from header"
+    recorded = runtimes.recorded_seconds(path)
+    assert recorded is not None, f"{path.name}: committed without execution timestamps"
+    stated = runtimes.parse(header[1])
+    assert abs(recorded - stated) <= max(10.0, 0.3 * stated), (
+        f"{path.name}: full mode stated {header[1]}, the committed run took {recorded:.0f} s"
+    )
