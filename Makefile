@@ -4,6 +4,7 @@
 #   make lab        JupyterLab on notebooks/ with the course's kernel
 #   make notebooks  re-execute the committed notebooks in place (full mode)
 #   make bench NAME=abstractions   run one benchmark and print its JSON
+#   make test-install  the Colab path: the wheel in a fresh venv, notebooks alone in an empty folder
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,7 +19,7 @@ NB_MULTI := $(filter notebooks/00_% notebooks/06_% notebooks/07_% notebooks/08_%
 NB_REPEAT ?= $(NB_MULTI)
 NAME ?= abstractions
 
-.PHONY: setup test lint unit nbtest test-devices course notebooks lab bench web-deps clean
+.PHONY: setup test test-install lint unit nbtest test-devices course notebooks lab bench web-deps clean
 
 setup: $(STAMP)
 
@@ -46,6 +47,22 @@ nbtest: $(STAMP)
 	    -o testpaths=notebooks $$nbs || exit 1; \
 	  nbs="$(NB_REPEAT)"; \
 	done
+
+# The installed (Colab-style) path: build the wheel, install it non-editable with the dev extra into
+# a fresh virtual environment, copy only the notebooks into an empty temporary folder and run
+# INSTALL_NOTEBOOKS there in quick mode. Nothing may come from the checkout but the notebooks.
+INSTALL_NOTEBOOKS ?= 00_setup_and_abstractions 01_hardware 07_data_parallelism 12_checkpointing
+test-install: $(STAMP)
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	rm -rf build/lib build/bdist.*; echo "== wheel"; $(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir "$$tmp/dist" . ; \
+	echo "== fresh venv, non-editable install with [dev]"; $(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install --quiet "$$(ls "$$tmp"/dist/scalelab-*.whl)[dev]"; \
+	mkdir "$$tmp/course"; cp notebooks/*.ipynb "$$tmp/course/"; cd "$$tmp/course"; \
+	"$$tmp/venv/bin/python" -c "import scalelab, scalelab.bench as b; assert 'site-packages' in scalelab.__file__, scalelab.__file__; assert b.checkout_root() is None; print('installed:', scalelab.__version__, 'reference results shipped:', len(list(b.packaged_results_dir().glob('*.json'))))"; \
+	echo "== notebooks from an empty folder, quick mode"; \
+	SCALELAB_QUICK=1 SCALELAB_PROGRESS=0 "$$tmp/venv/bin/python" -m pytest --nbval-lax --nbval-current-env \
+	  --nbval-cell-timeout=600 -p no:cacheprovider $(addsuffix .ipynb,$(INSTALL_NOTEBOOKS))
 
 # The device-count sweep every chapter must pass (slower: one nbval run per count).
 test-devices:

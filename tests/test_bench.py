@@ -85,6 +85,29 @@ def test_results_dir_finds_the_checkout(tmp_path):
     assert bench.results_dir(tmp_path) == tmp_path / "results"
 
 
+def test_outside_a_checkout_the_shipped_results_are_read_first(tmp_path, monkeypatch):
+    shipped = tmp_path / "site" / "results"
+    shipped.mkdir(parents=True)
+    (shipped / "demo-gpu.json").write_text('{"name": "demo", "device": "gpu"}')
+    (shipped / "demo-cpu.json").write_text('{"name": "demo", "device": "shipped cpu"}')
+    work = tmp_path / "colab"
+    (work / "results").mkdir(parents=True)
+    (work / "results" / "demo-cpu.json").write_text('{"name": "demo", "device": "own cpu"}')
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(bench, "packaged_results_dir", lambda: shipped)
+    assert bench.checkout_root() is None
+    assert bench.reference_dirs() == [shipped, work.resolve() / "results"]
+    assert bench.results_dir() == work.resolve() / "results"  # --save writes here
+    # one file name read once: the shipped copy wins, the runtime's own other files are added
+    assert sorted(r["device"] for r in bench.load_results("demo")) == ["gpu", "shipped cpu"]
+
+
+def test_a_checkout_reads_only_its_own_results():
+    root = Path(__file__).resolve().parents[1]
+    assert bench.reference_dirs(root / "notebooks") == [root / "results"]
+    assert bench.packaged_results_dir() is None  # an editable install ships no copy
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "scalelab.bench", *args],
                           capture_output=True, text=True, timeout=300)

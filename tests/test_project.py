@@ -86,3 +86,23 @@ def test_run_times_agree_with_readme_and_the_recorded_run(path):
     assert abs(recorded - stated) <= max(10.0, 0.3 * stated), (
         f"{path.name}: full mode stated {header[1]}, the committed run took {recorded:.0f} s"
     )
+
+
+def test_readme_states_the_versions_the_committed_outputs_show():
+    """The README's version line agrees with every chapter's stored setup line (for each package
+    that line names), and the setup lines agree with each other."""
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"\*\*Versions of the committed outputs\*\*[^:]*: ([^\n]+(?:\n[^\n]+)*?)\.\n", readme)
+    assert m, "README: no 'Versions of the committed outputs' line"
+    stated = dict(re.findall(r"([a-z][a-z-]*) (\d[\w.]*)", m[1].replace("\n", " ")))
+    assert {"python", "jax", "flax", "optax", "orbax-checkpoint", "grain"} <= stated.keys()
+    for path in NOTEBOOKS:
+        cells = json.loads(path.read_text())["cells"]
+        setup = next(c for c in cells if c["cell_type"] == "code" and "env.setup(" in "".join(c["source"]))
+        text = "".join("".join(o.get("text", "")) for o in setup.get("outputs", []))
+        line = next((ln for ln in text.splitlines() if "| python " in ln), None)
+        assert line, f"{path.name}: the setup cell's output has no version line"
+        shown = dict(re.findall(r"([a-z][a-z-]*) (\d[\w.]*)", line.split("|")[0]))
+        shown["python"] = re.search(r"\| python (\S+)", line)[1]
+        for name, version in shown.items():
+            assert stated.get(name) == version, f"{path.name} shows {name} {version}, README {stated.get(name)}"

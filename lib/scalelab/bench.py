@@ -67,7 +67,7 @@ register(
 register(
     "storage",
     "scalelab.data:bench_storage",
-    "Chapter 03: HDF5 layouts (contiguous, chunked, lzf, gzip) and .npy memmap: size, write, reads",
+    "Chapter 03: HDF5 layouts (contiguous, chunked, lzf, gzip) and .npy memmap: size, write, reads; 1-4 parallel readers",
 )
 register(
     "pipeline",
@@ -259,15 +259,41 @@ def run(name: str, quick: bool | None = None) -> dict[str, Any]:
     return result
 
 
-def results_dir(start: str | os.PathLike | None = None) -> Path:
-    """The repository's ``results/`` folder, found from ``start`` (default: the working
-    directory) upwards, so notebooks (run from ``notebooks/``) and the CLI agree.
-    Falls back to ``./results`` outside a checkout (e.g. on Colab)."""
+def checkout_root(start: str | os.PathLike | None = None) -> Path | None:
+    """The course checkout containing ``start`` (default: the working directory), or None."""
     here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "pyproject.toml").exists() and (folder / "lib" / "scalelab").is_dir():
-            return folder / "results"
-    return here / "results"
+            return folder
+    return None
+
+
+def results_dir(start: str | os.PathLike | None = None) -> Path:
+    """Where ``--save`` writes: the checkout's ``results/`` folder, found from ``start`` (default:
+    the working directory) upwards, so notebooks (run from ``notebooks/``) and the CLI agree.
+    Outside a checkout (an installed package, e.g. on Colab) it is ``./results``."""
+    root = checkout_root(start)
+    return root / "results" if root else Path(start or Path.cwd()).resolve() / "results"
+
+
+def packaged_results_dir() -> Path | None:
+    """The committed reference results shipped inside the installed package (a wheel built from
+    the checkout copies ``results/*.json`` there at build time), or None in a source checkout."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("scalelab") / "results"))
+    return folder if folder.is_dir() else None
+
+
+def reference_dirs(start: str | os.PathLike | None = None) -> list[Path]:
+    """Folders whose results a chapter overlays: the checkout's ``results/`` when there is one
+    (the one source of truth), else the results shipped with the package, then ``./results``
+    (what this runtime saved itself)."""
+    root = checkout_root(start)
+    if root:
+        return [root / "results"]
+    shipped = packaged_results_dir()
+    return [*([shipped] if shipped else []), results_dir(start)]
 
 
 def device_slug(result: dict[str, Any]) -> str:
@@ -292,16 +318,19 @@ def save(result: dict[str, Any], directory: str | os.PathLike | None = None) -> 
 
 def load_results(name: str, directory: str | os.PathLike | None = None,
                  include_quick: bool = False) -> list[dict[str, Any]]:
-    """Every saved result of benchmark ``name`` (for overlaying other devices)."""
-    folder = Path(directory) if directory is not None else results_dir()
-    out = []
-    for path in sorted(folder.glob(f"{name}-*.json")):
-        if path.stem.endswith("-quick") and not include_quick:
-            continue
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        if data.get("name") == name:
-            out.append(data)
+    """Every saved result of benchmark ``name`` (for overlaying other devices), from
+    ``directory`` or else from :func:`reference_dirs` (a file name found twice is read once)."""
+    folders = [Path(directory)] if directory is not None else reference_dirs()
+    out, seen = [], set()
+    for folder in folders:
+        for path in sorted(folder.glob(f"{name}-*.json")):
+            if path.name in seen or (path.stem.endswith("-quick") and not include_quick):
+                continue
+            seen.add(path.name)
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            if data.get("name") == name:
+                out.append(data)
     return out
 
 
