@@ -106,3 +106,14 @@ def test_readme_states_the_versions_the_committed_outputs_show():
         shown["python"] = re.search(r"\| python (\S+)", line)[1]
         for name, version in shown.items():
             assert stated.get(name) == version, f"{path.name} shows {name} {version}, README {stated.get(name)}"
+
+
+def test_data_readme_snippet_runs(tmp_path, monkeypatch):
+    """data/README.md's 'Using your own data' code runs as written (from an empty folder)."""
+    text = (ROOT / "data" / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S)[1]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "data/README.md", "exec"), namespace)
+    assert (tmp_path / "data" / "generated" / "mine.h5").exists()
+    assert namespace["source"] is not None and set(namespace["store"].schema) == {"x", "y"}
