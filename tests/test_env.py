@@ -87,3 +87,60 @@ def test_versions_and_label():
     assert re.match(r"\d+\.\d+", v["jax"]) and v["scalelab"] != "not installed"
     info = env.describe()
     assert info.label.startswith(f"{info.device_count} x ")
+
+
+def _info(**kw):
+    base = dict(backend="cpu", device_kind="cpu", device_count=8, cpu_device_count=8,
+                simulated=True, quick=False, seed=0, colab=False, versions={"python": "3"})
+    return env.EnvInfo(**{**base, **kw})
+
+
+class _Dev:
+    def __init__(self, platform, kind):
+        self.platform, self.device_kind = platform, kind
+
+
+def test_work_label_names_the_devices_that_ran_the_work():
+    info = _info()
+    assert info.work_label() == info.label == "8 x cpu simulated (cpu), full mode"
+    assert info.work_label(1) == "1 x cpu device (of 8 simulated), full mode"
+    assert info.work_label(8) == "8 x cpu devices simulated, full mode"
+    assert _info(quick=True).work_label(2) == "2 x cpu devices (of 8 simulated), quick mode"
+    one = _info(device_count=1, cpu_device_count=1, simulated=False)
+    assert one.work_label(1) == "1 x cpu device, full mode"
+    gpu = _info(backend="gpu", device_kind="NVIDIA H200", device_count=1, simulated=False)
+    assert gpu.work_label(1) == "1 x NVIDIA H200 device, full mode"
+    # devices given as objects: their platform and kind win (simulated CPUs on a GPU runtime)
+    assert gpu.work_label([_Dev("cpu", "cpu")] * 2) == "2 x cpu devices (of 8 simulated), full mode"
+    assert info.work_label(jax.devices()[:1]).startswith("1 x ")
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="between 1 and 8"):
+            info.work_label(bad)
+    with pytest.raises(ValueError, match="at least one"):
+        info.work_label([])
+    with pytest.raises(TypeError, match="count or a sequence"):
+        info.work_label(1.5)
+
+
+def test_single_accelerator_runtime_falls_back_to_cpu_devices_and_says_so(monkeypatch, capsys):
+    """A Colab TPU v5e-1 or a one-GPU runtime: multi-device chapters get simulated CPU devices
+    and the output says so (once per count); one device still comes from the accelerator."""
+    import jax
+
+    cpus = jax.devices("cpu")
+    tpu = object()
+    real_devices = jax.devices
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(jax, "devices", lambda backend=None: cpus if backend == "cpu" else [tpu])
+    monkeypatch.setattr(env, "_FALLBACKS_SAID", set())
+    assert env.devices(1) == [tpu]
+    assert capsys.readouterr().out == ""
+    n = min(2, len(cpus))
+    if n < 2:
+        monkeypatch.setattr(jax, "devices", real_devices)
+        return
+    assert env.devices(n) == cpus[:n]
+    out = capsys.readouterr().out
+    assert "this runtime has 1 tpu device(s)" in out and "simulated CPU devices instead" in out
+    env.devices(n)
+    assert capsys.readouterr().out == ""  # said once

@@ -26,3 +26,12 @@ def test_figure_carries_device_and_mode():
     assert text == f"measured on {info.label}"
     assert fig.get_supxlabel() == text
     assert "published spec" in plot.provenance(info, source="published spec")
+
+
+def test_label_names_the_devices_that_ran_the_work():
+    fig, _ = plot.figure()
+    info = env.describe()
+    text = plot.label(fig, info, devices=1)
+    assert text == f"measured on {info.work_label(1)}" and fig.get_supxlabel() == text
+    assert text.startswith("measured on 1 x ") and " device" in text
+    assert plot.provenance(info, "simulated", devices=None) == f"simulated on {info.label}"

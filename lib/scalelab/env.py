@@ -25,7 +25,9 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
 # Packages reported by ``setup`` and recorded with every benchmark result.
-REPORTED_PACKAGES = ("scalelab", "jax", "jaxlib", "flax", "optax", "numpy")
+REPORTED_PACKAGES = ("scalelab", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+# The ones the first cell of every chapter prints (the README states them; a test compares).
+SETUP_PACKAGES = ("scalelab", "jax", "flax", "optax", "orbax-checkpoint", "grain")
 
 
 def _flag(name: str) -> bool:
@@ -131,9 +133,45 @@ class EnvInfo:
         mode = "quick" if self.quick else "full"
         return f"{self.device_count} x {self.device_kind}{sim} ({self.backend}), {mode} mode"
 
+    def work_label(self, devices: Any = None) -> str:
+        """Like :attr:`label`, but naming the devices that ran one piece of work.
+
+        ``devices`` is how many devices of the default backend did the work (an int), or the
+        devices themselves (a sequence of JAX devices, e.g. ``env.devices(2)`` or
+        ``array.devices()``); None gives :attr:`label`. A single-device kernel on 8 simulated
+        CPU devices reads ``1 x cpu device (of 8 simulated), full mode``; on a one-GPU runtime
+        ``1 x NVIDIA H200 device, full mode``.
+        """
+        if devices is None:
+            return self.label
+        kind, total, simulated = self.device_kind, self.device_count, self.simulated
+        if isinstance(devices, bool) or not isinstance(devices, int):
+            try:
+                devs = list(devices)
+            except TypeError:
+                raise TypeError(
+                    f"devices must be a count or a sequence of devices, got {devices!r}") from None
+            if not devs:
+                raise ValueError("devices must name at least one device")
+            platform = getattr(devs[0], "platform", self.backend)
+            kind = getattr(devs[0], "device_kind", kind)
+            if platform != self.backend:  # e.g. simulated CPU devices on a GPU runtime
+                total = self.cpu_device_count if platform == "cpu" else len(devs)
+                simulated = platform == "cpu" and total > 1
+            count = len(devs)
+        else:
+            count = devices
+        if not 1 <= count <= total:
+            raise ValueError(f"devices must be between 1 and {total} here, got {count}")
+        noun = "device" if count == 1 else "devices"
+        sim = " simulated" if simulated else ""
+        of = sim if count == total else f" (of {total}{sim})"
+        mode = "quick" if self.quick else "full"
+        return f"{count} x {kind} {noun}{of}, {mode} mode"
+
     def summary(self) -> str:
         v = self.versions
-        pkgs = " ".join(f"{k} {v[k]}" for k in ("scalelab", "jax", "flax", "optax") if k in v)
+        pkgs = " ".join(f"{k} {v[k]}" for k in SETUP_PACKAGES if k in v)
         extra = ""
         if self.backend != "cpu":
             extra = f" + {self.cpu_device_count} simulated cpu"
@@ -206,6 +244,22 @@ def setup(cpu_devices: int = 8, seed: int = 0, verbose: bool = True) -> EnvInfo:
     return info
 
 
+_FALLBACKS_SAID: set[int] = set()
+
+
+def fallback_notice(n: int, accelerators: int, backend: str, cpus: int) -> str:
+    """What a chapter prints when it asks for more devices than the accelerator runtime has."""
+    return (f"{n} devices requested, this runtime has {accelerators} {backend} device(s): using {n} of "
+            f"{cpus} simulated CPU devices instead (values and communication patterns are faithful, "
+            f"speed is not); measurements that need one device still use the {backend}")
+
+
+def _say_fallback_once(n: int, accelerators: int, backend: str, cpus: int) -> None:
+    if n not in _FALLBACKS_SAID:
+        _FALLBACKS_SAID.add(n)
+        print(fallback_notice(n, accelerators, backend, cpus))
+
+
 def devices(n: int) -> list:
     """Return ``n`` devices: accelerators when there are that many, else simulated CPUs.
 
@@ -220,6 +274,8 @@ def devices(n: int) -> list:
         return list(default[:n])
     cpu = jax.devices("cpu")
     if len(cpu) >= n:
+        if jax.default_backend() != "cpu":
+            _say_fallback_once(n, len(default), jax.default_backend(), len(cpu))
         return list(cpu[:n])
     backend = jax.default_backend()
     have = f"{len(cpu)} CPU device(s)"

@@ -41,10 +41,16 @@ def style() -> Iterator[None]:
         yield
 
 
-def provenance(info: env.EnvInfo | None = None, source: str = "measured") -> str:
-    """The caption every figure carries, e.g. ``measured on 8 x cpu simulated (cpu), full mode``."""
+def provenance(info: env.EnvInfo | None = None, source: str = "measured",
+               devices: Any = None) -> str:
+    """The caption every figure carries, e.g. ``measured on 8 x cpu simulated (cpu), full mode``.
+
+    ``devices`` names the devices that ran the work when it is not all of them (a count or the
+    devices themselves, see :meth:`env.EnvInfo.work_label`): ``devices=1`` on 8 simulated CPU
+    devices gives ``measured on 1 x cpu device (of 8 simulated), full mode``.
+    """
     info = info or env.describe()
-    return f"{source} on {info.label}"
+    return f"{source} on {info.work_label(devices)}"
 
 
 def figure(
@@ -59,12 +65,15 @@ def figure(
     return fig, axes
 
 
-def label(fig: plt.Figure, info: env.EnvInfo | None = None, source: str = "measured") -> str:
+def label(fig: plt.Figure, info: env.EnvInfo | None = None, source: str = "measured",
+          devices: Any = None) -> str:
     """Write the device and mode under the figure's bottom-right corner; returns the text.
 
     It is placed as the figure's ``supxlabel`` so the constrained layout makes room for it.
+    Pass ``devices`` (a count, or the devices) when the work ran on fewer devices than the
+    runtime has, e.g. a single-device kernel: ``plot.label(fig, info, devices=1)``.
     """
-    text = provenance(info, source)
+    text = provenance(info, source, devices)
     fig.supxlabel(text, x=0.99, ha="right", fontsize=7, color="0.4")
     return text
 
