@@ -118,3 +118,28 @@ def test_strip_debug_info_removes_paths():
 def test_excerpt():
     assert abstractions.excerpt("a\nb", 5) == "a\nb"
     assert abstractions.excerpt("a\nb\nc", 1) == "a\n... (2 more lines)"
+
+
+def test_lowering_agrees_with_the_aot_api():
+    def layer(x, w, b):
+        return jax.nn.relu(x @ w + b)
+
+    args = (jnp.ones((16, 8)), jnp.ones((8, 4)), jnp.ones(4))
+    low = abstractions.lowering(layer, *args)
+    lowered = jax.jit(layer).lower(*args)
+    compiled = lowered.compile()
+    cost = compiled.cost_analysis()
+    assert low.jaxpr == jax.make_jaxpr(layer)(*args).pretty_print(use_color=False)
+    assert low.stablehlo == lowered.as_text()
+    assert low.hlo == abstractions.strip_debug_info(compiled.as_text())
+    assert low.flops == cost["flops"] == 2 * 16 * 8 * 4 + 2 * 16 * 4
+    assert low.bytes_accessed == cost["bytes accessed"]
+
+
+def test_language_speed_figure_names_one_device():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = abstractions.language_speed([100], repeat=1)
+    fig = abstractions.plot_language_speed(rows)
+    assert " 1 x " in fig.get_supxlabel() and "device" in fig.get_supxlabel()

@@ -99,7 +99,11 @@ def plot_language_speed(rows: Sequence[dict[str, Any]], info: env.EnvInfo | None
     ax.set(xscale="log", yscale="log", xlabel="vector length n",
            ylabel="time per element (ns)", title="Dot product: cost per multiply-add")
     ax.legend()
-    plot.label(fig, info)
+    info = info or env.describe()
+    # jax.jit ran on one device (the default one); Python and NumPy on the host CPU, which on
+    # the CPU backend is that same device.
+    source = "measured" if info.backend == "cpu" else "Python, NumPy on the host CPU; jax.jit"
+    plot.label(fig, info, source, devices=1)
     return fig
 
 
