@@ -46,5 +46,49 @@ def test_scaling_rows(problem):
     rows = parallel.scaling(problem, [1, 2], per_device_batch=8, global_batch=16)
     assert [r["devices"] for r in rows] == [1, 2]
     for r in rows:
-        assert r["strong: step s"] > 0 and 0 <= r["all-reduce share"] <= 1
+        assert r["strong: step s"] > 0 and 0 <= r["pmean share"] <= 1
     assert jax.devices()  # the mesh helpers left the runtime usable
+
+
+JIT_LINE = ("%all-reduce.7 = (f32[10]{0}, f32[10,64]{1,0}, f32[]) all-reduce(%a, %b, %c), channel_id=1, "
+            "replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}, use_global_device_ids=true, to_apply=%r")
+
+
+def test_hlo_elements_counts_every_tuple_member():
+    assert parallel.hlo_elements(JIT_LINE) == 10 + 640 + 1
+    assert parallel.hlo_elements("%x = bf16[4,8]{1,0} all-reduce(%y), replica_groups={{0,1}}") == 32
+    with pytest.raises(ValueError, match="not an HLO instruction"):
+        parallel.hlo_elements("=")
+
+
+def test_replica_group_sizes_reads_every_form():
+    assert parallel.replica_group_sizes(JIT_LINE) == [8]
+    assert parallel.replica_group_sizes("x, replica_groups={{0,1,2,3},{4,5,6,7}}, y") == [4, 4]
+    assert parallel.replica_group_sizes("x, replica_groups=[2,4]<=[8], y") == [4, 4]
+    assert parallel.replica_group_sizes("x, replica_groups=[1,8]<=[4,2]T(1,0), y") == [8]
+    assert parallel.replica_group_sizes("x, replica_groups=mesh['a'=2,'b'=4] {'b'}, y") == [4, 4]
+    assert parallel.replica_group_sizes("x, replica_groups=mesh['a'=2,'b'=4] {'a','b'}, y") == [8]
+    with pytest.raises(ValueError, match="no replica_groups"):
+        parallel.replica_group_sizes("%x = f32[] add(%a, %b)")
+
+
+def test_param_count(problem):
+    assert parallel.param_count(problem) == sum(p.size for p in jax.tree.leaves(problem.params))
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_compiled_collectives_of_the_shard_map_step(problem, n):
+    mesh = parallel.data_mesh(env.devices(n))
+    abstract = parallel.abstract_inputs(problem, mesh, 16)
+    counts, lines = parallel.compiled_collectives(parallel.shard_map_step(problem, mesh), *abstract)
+    assert counts["all-reduce"] >= 1  # written out: kept even for one device
+    assert sum(parallel.hlo_elements(ln) for ln in lines) == parallel.param_count(problem) + 1
+    assert {s for ln in lines for s in parallel.replica_group_sizes(ln)} == {n}
+    counts0, lines0 = parallel.compiled_collectives(parallel.shard_map_step(problem, mesh, reduce=False), *abstract)
+    assert sum(counts0.values()) == 0 and lines0 == []
+
+
+def test_jit_step_all_reduce_carries_gradients_and_loss(problem):
+    _, lines = parallel.collectives_in_hlo(problem, env.devices(4), 32)
+    assert sum(parallel.hlo_elements(ln) for ln in lines if " all-reduce" in ln) == parallel.param_count(problem) + 1
+    assert all(parallel.replica_group_sizes(ln) == [4] for ln in lines)

@@ -199,23 +199,79 @@ STRATEGIES: dict[str, Callable[..., tuple[Any, list[float]]]] = {
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+
+def compiled_collectives(jitted: Callable[..., Any], *args: Any) -> tuple[dict[str, int], list[str]]:
+    """The collective operations in the compiled program of ``jitted(*args)`` (arrays or
+    ``jax.ShapeDtypeStruct`` with shardings): a count per kind, and the whole HLO lines that
+    define them (source locations removed, ``replica_groups`` and all)."""
+    from scalelab.abstractions import strip_debug_info
+
+    hlo = strip_debug_info(jitted.lower(*args).compile().as_text())
+    lines = [ln.strip() for ln in hlo.splitlines() if _COLLECTIVE_RE.search(ln)]
+    counts = {k: sum(bool(re.search(rf"\s{k}(-start)?\(", ln)) for ln in lines) for k in COLLECTIVES}
+    return counts, lines
+
+
+def abstract_inputs(problem: Problem, mesh, batch: int) -> tuple[Any, Any, Any]:
+    """Shapes and shardings of (params, x, y) for a global batch: parameters replicated,
+    the batch split over ``data``. Enough to compile a step without any data."""
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    x = jax.ShapeDtypeStruct((batch, problem.x.shape[1]), jnp.float32, sharding=sharded)
+    y = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharded)
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated), problem.params)
+    return params, x, y
 
 
 def collectives_in_hlo(problem: Problem, devices: Sequence[Any], batch: int) -> tuple[dict[str, int], list[str]]:
     """The collective operations XLA inserted in the compiled jit + NamedSharding step:
     a count per kind, and the HLO lines that define them (source locations removed)."""
-    from scalelab.abstractions import strip_debug_info
-
     mesh = data_mesh(devices)
-    step, replicated, sharded = jit_sharded_step(problem, mesh)
-    x = jax.ShapeDtypeStruct((batch, problem.x.shape[1]), jnp.float32, sharding=sharded)
-    y = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharded)
-    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated), problem.params)
-    hlo = strip_debug_info(step.lower(params, x, y).compile().as_text())
-    lines = [ln.strip() for ln in hlo.splitlines()
-             if re.search(r"\s(" + "|".join(COLLECTIVES) + r")(-start)?\(", ln)]
-    counts = {k: sum(bool(re.search(rf"\s{k}(-start)?\(", ln)) for ln in lines) for k in COLLECTIVES}
-    return counts, lines
+    step, _, _ = jit_sharded_step(problem, mesh)
+    return compiled_collectives(step, *abstract_inputs(problem, mesh, batch))
+
+
+_SHAPE_RE = re.compile(r"\b(?:pred|[subf]\d+|bf16|f8\w*)\[([\d,]*)\]")
+
+
+def hlo_elements(line: str) -> int:
+    """Elements in the result of one HLO instruction line (a tuple result counts every
+    member): e.g. the number of values an all-reduce carries."""
+    head = line.split("=", 1)[1] if "=" in line else line
+    match = re.match(r"\s*(\(.*?\)|\S+)\s", head)
+    if match is None:
+        raise ValueError(f"not an HLO instruction line: {line[:80]!r}")
+    total = 0
+    for dims in _SHAPE_RE.findall(match.group(1)):
+        total += int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+    return total
+
+
+def replica_group_sizes(line: str) -> list[int]:
+    """Sizes of the device groups of a collective's ``replica_groups`` attribute, in each of
+    the forms XLA prints: explicit ``{{0,1,2,3}}``, iota ``[2,4]<=[8]`` and mesh
+    ``mesh['axis_0'=8,'axis_1'=1] {'axis_0'}`` (a group per value of the other axes)."""
+    match = re.search(r"replica_groups=(\{\{.*?\}\}|\{\}|\[[\d,]+\]<=\[[\d,]+\]\S*|mesh\[[^\]]*\]\s*\{[^}]*\})", line)
+    if match is None:
+        raise ValueError("the line has no replica_groups attribute")
+    groups = match.group(1)
+    if groups.startswith("{{"):
+        return [len([t for t in g.split(",") if t.strip()]) for g in re.findall(r"\{([\d,\s]*)\}", groups[1:-1])]
+    if groups == "{}":
+        return []
+    if groups.startswith("["):
+        count, size = (int(v) for v in re.match(r"\[([\d,]+)\]", groups).group(1).split(","))
+        return [size] * count
+    axes = dict((k, int(v)) for k, v in re.findall(r"'([^']+)'=(\d+)", groups))
+    reduced = re.findall(r"'([^']+)'", groups.split("]", 1)[1])
+    size = int(np.prod([axes[a] for a in reduced]))
+    return [size] * (int(np.prod(list(axes.values()))) // size)
+
+
+def param_count(problem: Problem) -> int:
+    """Number of trainable parameters (= gradient values each step all-reduces)."""
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(problem.params))
 
 
 def step_time(problem: Problem, devices: Sequence[Any], global_batch: int, reduce: bool = True,
@@ -234,7 +290,11 @@ def step_time(problem: Problem, devices: Sequence[Any], global_batch: int, reduc
 
 def scaling(problem: Problem, counts: Sequence[int], per_device_batch: int, global_batch: int) -> list[dict[str, Any]]:
     """Step time for strong scaling (fixed global batch) and weak scaling (fixed per-device
-    batch) at each device count, and the all-reduce share (step with vs without it)."""
+    batch) at each device count, and the ``pmean share``: the part of the strong-scaling step
+    that goes away when the ``pmean`` is removed. That is a different program (the replicas
+    drift apart), so the share is what the synchronisation costs *on this runtime*: on
+    simulated CPU devices mostly the rendezvous of device threads sharing the cores, not
+    bytes on a link."""
     from scalelab import env
 
     rows = []
@@ -246,7 +306,8 @@ def scaling(problem: Problem, counts: Sequence[int], per_device_batch: int, glob
         rows.append({
             "devices": n, "strong: step s": strong, "strong: samples/s": global_batch / strong,
             "weak: step s": weak, "weak: samples/s": per_device_batch * n / weak,
-            "all-reduce share": max(0.0, (strong - strong_local) / strong),
+            "strong: step s without pmean": strong_local,
+            "pmean share": max(0.0, (strong - strong_local) / strong),
         })
     return rows
 
