@@ -59,7 +59,7 @@ test-install: $(STAMP)
 	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
 	"$$tmp/venv/bin/python" -m pip install --quiet "$$(ls "$$tmp"/dist/scalelab-*.whl)[dev]"; \
 	mkdir "$$tmp/course"; cp notebooks/*.ipynb "$$tmp/course/"; cd "$$tmp/course"; \
-	"$$tmp/venv/bin/python" -c "import scalelab, scalelab.bench as b; assert 'site-packages' in scalelab.__file__, scalelab.__file__; assert b.checkout_root() is None; print('installed:', scalelab.__version__, 'reference results shipped:', len(list(b.packaged_results_dir().glob('*.json'))))"; \
+	"$$tmp/venv/bin/python" -c "import scalelab, scalelab.bench as b; assert 'site-packages' in scalelab.__file__, scalelab.__file__; assert b.checkout_root() is None; h = [r['device'] for r in b.load_results('hardware')]; assert 'NVIDIA H200' in h, h; print('installed:', scalelab.__version__, '| reference results shipped:', len(list(b.packaged_results_dir().glob('*.json'))), '| hardware results chapter 01 overlays:', h)"; \
 	echo "== notebooks from an empty folder, quick mode"; \
 	SCALELAB_QUICK=1 SCALELAB_PROGRESS=0 "$$tmp/venv/bin/python" -m pytest --nbval-lax --nbval-current-env \
 	  --nbval-cell-timeout=600 -p no:cacheprovider $(addsuffix .ipynb,$(INSTALL_NOTEBOOKS))
