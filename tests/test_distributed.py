@@ -38,8 +38,14 @@ def test_forest_is_identical_for_every_worker_count(split):
     sp = dist.speedups(runs)
     assert sp[1] == 1.0 and sp[2] > 0
     fig = dist.plot_speedup(runs)
-    assert "measured on" in fig.get_supxlabel()
+    assert "worker processes" in fig.get_supxlabel() and "host CPU" in fig.get_supxlabel()
     plt.close(fig)
+
+
+def test_votes_checksum_tells_forests_apart():
+    votes = np.array([[3, 1], [0, 4]])
+    assert dist.votes_checksum(votes) == dist.votes_checksum(votes.astype(np.int32))
+    assert dist.votes_checksum(votes) != dist.votes_checksum(votes[::-1])
 
 
 def test_forest_bad_input(split):
@@ -191,7 +197,7 @@ def test_sweep_is_deterministic_and_shaped(small):
         assert list(ca.steps) == [0, 10, 20, 30, 40] and ca.accuracy.shape == ca.loss.shape
     assert np.isclose(a[0].loss[0], np.log(10))  # zero weights: uniform prediction
     fig = dist.plot_convergence(a)
-    assert "simulated on" in fig.get_supxlabel()
+    assert "simulated in NumPy on the host CPU" in fig.get_supxlabel()
     plt.close(fig)
 
 
@@ -229,6 +235,21 @@ def test_wallclock_comparison_curves(small):
     assert np.all(np.diff(sync.time) > 0) and np.all(np.diff(asy.time) > 0)
     fig = dist.plot_wallclock([curves])
     plt.close(fig)
+    # time_to_loss reads the modelled time of the first evaluation at or below the target
+    target = float(asy.loss[2])
+    hit = dist.time_to_loss(asy, target)
+    assert hit is not None and hit <= asy.time[2]
+    assert dist.time_to_loss(asy, -1.0) is None
+    with pytest.raises(ValueError, match="modelled time"):
+        dist.time_to_loss(dataclasses.replace(asy, time=None), 1.0)
+
+
+def test_plot_latency_names_both_sides():
+    fig = dist.plot_latency([8, 8000], [1e-2, 2e-2], [1e-4, 1e-3], workers=2)
+    assert "psum on" in fig.get_supxlabel() and "Dask with 2 worker" in fig.get_supxlabel()
+    plt.close(fig)
+    with pytest.raises(ValueError, match="one Dask and one psum"):
+        dist.plot_latency([8], [1e-2, 2e-2], [1e-4], workers=2)
 
 
 def test_ps_bad_input(small):
@@ -290,12 +311,12 @@ def test_ring_local_rejects_indivisible_blocks():
 def test_bytes_formulas():
     b = dist.allreduce_bytes(1e9, 8)
     assert b["ring_per_device"] == pytest.approx(1.75e9)
-    assert b["ps_server"] == 8e9 and b["ps_per_worker"] == 2e9 and b["naive_per_device"] == 7e9
+    assert b["ps_server"] == 8e9 and b["ps_per_worker"] == 2e9 and b["direct_per_device"] == 7e9
     assert dist.allreduce_bytes(1e9, 1)["ring_per_device"] == 0
     assert dist.ring_seconds(1e9, 8, 100e9) == pytest.approx(0.0175)
     assert dist.ring_seconds(0, 8, 1e9, latency=1e-6) == pytest.approx(14e-6)
     fig = dist.plot_bytes([1, 2, 4, 8])
-    assert "computed on" in fig.get_supxlabel()
+    assert "computed from the formulas" in fig.get_supxlabel()
     plt.close(fig)
 
 

@@ -78,8 +78,8 @@ def _split_evenly(n: int, parts: int) -> list[range]:
 _FOREST_DATA: dict[str, np.ndarray] = {}
 
 
-def _forest_init(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                 classes: int) -> None:
+def forest_worker_init(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                       classes: int) -> None:
     """Pool initializer: each worker receives the data once, not with every task."""
     import sklearn.tree  # noqa: F401  (import once at start-up, not inside the first task)
 
@@ -99,7 +99,7 @@ def _fit_tree(x: np.ndarray, y: np.ndarray, seed: int, tree: int):
 def forest_votes(trees: Sequence[int], seed: int) -> np.ndarray:
     """Fit the trees numbered ``trees`` and return their votes on the test set.
 
-    Runs in a worker (after :func:`_forest_init`) or in-process. Returns an integer array
+    Runs in a worker (after :func:`forest_worker_init`) or in-process. Returns an integer array
     (test examples x classes) counting, for each example, how many trees chose each class.
     """
     d = _FOREST_DATA
@@ -148,7 +148,7 @@ def train_forest(split: Split, trees: int, workers: int, seed: int = 0, repeat: 
     if workers == 0:
         saved = dict(_FOREST_DATA)
         try:
-            _forest_init(*args)
+            forest_worker_init(*args)
             for _ in range(repeat):
                 start = time.perf_counter()
                 results.append(sum(forest_votes(t, seed) for t in tasks))
@@ -160,7 +160,7 @@ def train_forest(split: Split, trees: int, workers: int, seed: int = 0, repeat: 
     else:
         start = time.perf_counter()
         ctx = multiprocessing.get_context("spawn")  # fork is unsafe once JAX has started threads
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_forest_init,
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=forest_worker_init,
                                  initargs=args) as pool:
             list(pool.map(forest_votes, [[]] * workers, [seed] * workers))  # start every worker
             startup = time.perf_counter() - start
@@ -172,8 +172,12 @@ def train_forest(split: Split, trees: int, workers: int, seed: int = 0, repeat: 
     if any(not np.array_equal(v, votes) for v in results[1:]):
         raise RuntimeError("repeated trainings of the same forest gave different votes")
     accuracy = float(np.mean(votes.argmax(axis=1) == split.y_test))
-    checksum = zlib.crc32(np.ascontiguousarray(votes).tobytes())
-    return ForestRun(workers, trees, min(times), startup, accuracy, checksum)
+    return ForestRun(workers, trees, min(times), startup, accuracy, votes_checksum(votes))
+
+
+def votes_checksum(votes: np.ndarray) -> int:
+    """A checksum of a forest's vote counts: identical forests give identical checksums."""
+    return zlib.crc32(np.ascontiguousarray(np.asarray(votes, dtype=np.int64)).tobytes())
 
 
 def forest_scaling(split: Split, trees: int, worker_counts: Sequence[int], seed: int = 0,
@@ -665,6 +669,17 @@ def steps_to_loss(curve: Curve, target: float) -> int | None:
     return int(curve.steps[hit[0]]) if len(hit) else None
 
 
+def time_to_loss(curve: Curve, target: float) -> float | None:
+    """The modelled time at which the training loss first is <= target (None: never).
+
+    Needs a curve with modelled times (from :func:`wallclock_comparison`).
+    """
+    if curve.time is None:
+        raise ValueError(f"curve {curve.label!r} has no modelled time")
+    hit = np.nonzero(curve.loss <= target)[0]
+    return float(curve.time[hit[0]]) if len(hit) else None
+
+
 # --- a MODEL of wall-clock time: worker step times with stragglers
 
 
@@ -917,7 +932,9 @@ def allreduce_bytes(size: float, n: int) -> dict[str, float]:
     - ``ps_server``: received by a single parameter server from n workers, n * size
       (it sends as much back);
     - ``ps_per_worker``: sent plus received by each worker, 2 * size;
-    - ``naive_per_device``: everyone sends its whole vector to everyone, (n-1) * size.
+    - ``direct_per_device``: the direct all-reduce, in which everyone sends its whole vector
+      to everyone else and adds what it receives, (n-1) * size. (Not ``lax.all_to_all``,
+      which sends a different 1/n slice to each device: a transpose, not a sum.)
     """
     n = _positive_int("n", n)
     if size < 0:
@@ -926,7 +943,7 @@ def allreduce_bytes(size: float, n: int) -> dict[str, float]:
         "ring_per_device": 2 * (n - 1) / n * size,
         "ps_server": n * size,
         "ps_per_worker": 2 * size,
-        "naive_per_device": (n - 1) * size,
+        "direct_per_device": (n - 1) * size,
     }
 
 
@@ -1022,6 +1039,18 @@ def _plain_log_y(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
+def host_footer(fig: plt.Figure, info: env.EnvInfo | None, what: str) -> str:
+    """Footer for work that ran on the host CPU (NumPy, worker processes), not on the JAX
+    devices: e.g. ``simulated in NumPy on the host CPU (2 cores), full mode``.
+
+    Same place and style as :func:`scalelab.plot.label`; returns the text.
+    """
+    info = info or env.describe()
+    text = f"{what} on the host CPU ({env.cpu_cores()} cores), {'quick' if info.quick else 'full'} mode"
+    fig.supxlabel(text, x=0.99, ha="right", fontsize=7, color="0.4")
+    return text
+
+
 def plot_speedup(runs: Sequence[ForestRun], info: env.EnvInfo | None = None) -> plt.Figure:
     """Forest training time and speed-up against the number of worker processes."""
     from scalelab import plot  # matplotlib only when drawing
@@ -1046,12 +1075,12 @@ def plot_speedup(runs: Sequence[ForestRun], info: env.EnvInfo | None = None) -> 
     b.set(xlabel="worker processes", ylabel="speed-up over 1 worker", xticks=ws,
           ylim=(0, 1.15 * max(max(ws), *sp.values())), title="Embarrassingly parallel: speed-up")
     b.legend(loc="upper left")
-    plot.label(fig, info)
+    host_footer(fig, info, "measured with worker processes (scikit-learn)")
     return fig
 
 
 def plot_convergence(curves: Sequence[Curve], info: env.EnvInfo | None = None,
-                     source: str = "simulated") -> plt.Figure:
+                     source: str = "simulated in NumPy") -> plt.Figure:
     """Training loss and test accuracy against server steps, one row of panels per N."""
     from scalelab import plot  # matplotlib only when drawing
 
@@ -1071,7 +1100,7 @@ def plot_convergence(curves: Sequence[Curve], info: env.EnvInfo | None = None,
     for ax in axes[-1]:
         ax.set_xlabel("server steps (updates applied)")
     fig.legend(loc="outside upper center", ncols=5)
-    plot.label(fig, info, source)
+    host_footer(fig, info, source)
     return fig
 
 
@@ -1090,7 +1119,7 @@ def plot_wallclock(groups: Sequence[Sequence[Curve]], info: env.EnvInfo | None =
                ylabel="training loss (log)", title=f"N = {curves[0].workers} workers")
         _plain_log_y(ax)
         ax.legend(fontsize=8)
-    plot.label(fig, info, "step times modelled, training simulated")
+    host_footer(fig, info, "step times modelled, training simulated in NumPy")
     return fig
 
 
@@ -1106,8 +1135,8 @@ def plot_bytes(ns: Sequence[int], size: float = 1.0, info: env.EnvInfo | None = 
     fig, ax = plot.figure(width=6.4)
     ax.plot(ns, [r["ps_server"] for r in rows], "o-", color="C3",
             label="parameter server: received at the server (n x size)")
-    ax.plot(ns, [r["naive_per_device"] for r in rows], "^-", color="C1",
-            label="naive all-to-all: per device ((n-1) x size)")
+    ax.plot(ns, [r["direct_per_device"] for r in rows], "^-", color="C1",
+            label="direct all-reduce, everyone sends to everyone: per device ((n-1) x size)")
     ax.plot(ns, [r["ps_per_worker"] for r in rows], "s--", color="C2",
             label="parameter server: per worker (2 x size)")
     ax.plot(ns, [r["ring_per_device"] for r in rows], "o-", color="C0",
@@ -1117,7 +1146,35 @@ def plot_bytes(ns: Sequence[int], size: float = 1.0, info: env.EnvInfo | None = 
     ax.set_xticks(ns, [str(n) for n in ns])
     _plain_log_y(ax)
     ax.legend(fontsize=8)
-    plot.label(fig, info, "computed")
+    mode = "quick" if (info or env.describe()).quick else "full"
+    fig.supxlabel(f"computed from the formulas, nothing measured, {mode} mode", x=0.99, ha="right",
+                  fontsize=7, color="0.4")
+    return fig
+
+
+def plot_latency(sizes: Sequence[int], dask_s: Sequence[float], psum_s: Sequence[float],
+                 workers: int, info: env.EnvInfo | None = None) -> plt.Figure:
+    """Seconds per exchange against message size: Dask task rounds and ``lax.psum`` calls."""
+    from scalelab import plot  # matplotlib only when drawing
+
+    if not len(sizes) == len(dask_s) == len(psum_s) or not len(sizes):
+        raise ValueError("plot_latency needs one Dask and one psum time per message size")
+    info = info or env.describe()
+    fig, (a, b) = plot.figure(ncols=2, width=9.0)
+    a.plot(sizes, 1e6 * np.asarray(dask_s), "o-", color="C3", label="Dask: one task round")
+    a.plot(sizes, 1e6 * np.asarray(psum_s), "s-", color="C0", label="lax.psum: one collective")
+    a.set(xscale="log", yscale="log", xlabel="message bytes per participant",
+          ylabel="microseconds per exchange", title="Latency of one exchange")
+    a.legend(fontsize=8)
+    b.plot(sizes, np.asarray(dask_s) / np.asarray(psum_s), "o-", color="k")
+    b.axhline(1.0, color="0.6", ls=":")
+    b.set(xscale="log", yscale="log", xlabel="message bytes per participant",
+          ylabel="Dask time / psum time", title="How much more a task round costs")
+    _plain_log_y(b)
+    devices = info.label.rsplit(", ", 1)[0]
+    fig.supxlabel(f"measured: psum on {devices}; Dask with {workers} worker process(es) on the "
+                  f"host CPU, {'quick' if info.quick else 'full'} mode",
+                  x=0.99, ha="right", fontsize=7, color="0.4")
     return fig
 
 
