@@ -1,4 +1,5 @@
 import multiprocessing
+import pickle
 import threading
 import time
 
@@ -187,6 +188,8 @@ def test_grain_gives_the_same_batches(store):
     for b in range(3):
         np.testing.assert_array_equal(next(it), aug(source.read(b), 0, b))
     it.close()
+    batch = source.read(4)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(pl.BatchAugment(aug)))(4, batch), aug(batch, 0, 4))
 
 
 def test_timeline_and_bound(store):
@@ -197,8 +200,16 @@ def test_timeline_and_bound(store):
     assert {e.stage for e in tl.events} == {"extract", "transform", "load", "compute"}
     assert set(tl.mean_seconds()) == set(tl.median_seconds()) == {"extract", "transform", "load", "compute"}
     assert set(pl.stage_seconds(source, _aug(), lambda x: x, batches=2, repeats=2)) == {"extract", "transform", "load"}
+    assert set(pl.stage_seconds(source, _aug(), lambda x: x, 2, 1, thread=True)) == {"extract", "transform", "load"}
+    assert pl.in_thread(lambda a, b=0: threading.current_thread().name + str(a + b), 1, b=2) == "measure3"
+    with pytest.raises(ZeroDivisionError):
+        pl.in_thread(lambda: 1 / 0)
     assert pl.bound_seconds({"extract": 1, "transform": 3, "load": 0.5}, 1.5, workers=2) == 2
     assert pl.bound_seconds({"extract": 1, "transform": 3, "load": 0.5}, 1.5, workers=0) == 4
+    steady = tl.steady(1)
+    assert min(e.start for e in steady.events) == sorted(e.start for e in tl.events if e.stage == "compute")[1]
+    with pytest.raises(ValueError, match="skip"):
+        tl.steady(3)
     fig = pl.plot_timeline(tl, "test")
     assert fig.axes
     with pytest.raises(ValueError, match="empty"):
@@ -207,10 +218,10 @@ def test_timeline_and_bound(store):
         pl.emulated_step(-1)
 
 
-@pytest.mark.parametrize("kind", ["thread", "process"])
-@pytest.mark.parametrize("task", ["augment", "row reads"])
-def test_transform_scaling_runs(store, kind, task):
-    assert pl.transform_scaling(_source(store), _aug(), batches=4, workers=2, kind=kind, task=task) > 0
+@pytest.mark.parametrize("kind,workers", [("sequential", 1), ("thread", 2), ("process", 2)])
+@pytest.mark.parametrize("task", ["augment", "row reads", "batch reads"])
+def test_transform_scaling_runs(store, kind, workers, task):
+    assert pl.transform_scaling(_source(store), _aug(), batches=4, workers=workers, kind=kind, task=task) > 0
 
 
 def test_transform_scaling_rejects_bad_options(store):
@@ -218,8 +229,69 @@ def test_transform_scaling_rejects_bad_options(store):
         pl.transform_scaling(_source(store), _aug(), 2, 1, "fiber")
     with pytest.raises(ValueError, match="task"):
         pl.transform_scaling(_source(store), _aug(), 2, 1, "thread", "compress")
+    with pytest.raises(ValueError, match="exactly 1"):
+        pl.transform_scaling(_source(store), _aug(), 2, 2, "sequential")
+
+
+def test_slow_reads_give_the_same_batches_after_the_wait(store):
+    source = _source(store, shuffle=True)
+    slow = pl.SlowReads(source, latency=0.05)
+    assert len(slow) == len(source) and slow.batches == source.batches
+    assert slow.order(1, 5) == source.order(1, 5)
+    start = time.perf_counter()
+    np.testing.assert_array_equal(slow.read(3), source.read(3))
+    assert time.perf_counter() - start >= 0.05
+    clone = pickle.loads(pickle.dumps(slow))  # worker processes and Grain pickle sources
+    np.testing.assert_array_equal(clone.read(2), source.read(2))
+    with pytest.raises(ValueError, match="latency"):
+        pl.SlowReads(source, latency=-1)
+
+
+def test_parallel_reads_keep_the_order(store):
+    source = _source(store)
+    ids = [7, 2, 9, 0, 4]
+    got = pl.parallel_reads(pl.SlowReads(source, 0.01), ids, readers=3)
+    for b, x in zip(ids, got, strict=True):
+        np.testing.assert_array_equal(x, source.read(b))
+    with pytest.raises(ValueError, match="readers"):
+        pl.parallel_reads(source, ids, 0)
+    rows = pl.read_scaling(pl.SlowReads(source, 0.001), [1, 4], batches=4)
+    assert [r["readers"] for r in rows] == [1, 4] and all(r["s_per_batch"] > 0.001 / 4 for r in rows)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pipeline_over_slow_reads_matches_sequential(store, workers):
+    source, aug = _source(store), _aug()
+    with pl.Pipeline(pl.SlowReads(source, 0.005), aug, lambda x: x, workers=workers, timeout=60) as pipe:
+        got = list(pipe)
+    for a, b in zip(got, _expected(source, aug), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert multiprocessing.active_children() == [] and _pipeline_threads() == []
+
+
+def test_bound_with_cores_and_waits():
+    stages = {"extract": 2.0, "transform": 1.5, "load": 0.5}
+    # no core limit: the producers divide extract + transform
+    assert pl.bound_seconds(stages, 0.0, workers=4) == 0.875
+    # 2 cores: the host's CPU work (4 s with the load) cannot go below 4 / 2 per batch
+    assert pl.bound_seconds(stages, 0.0, workers=4, cores=2) == 2.0
+    # half of extract is waiting: the CPU part is 3 s, 3 / 2 = 1.5 s per batch on 2 cores
+    assert pl.bound_seconds(stages, 0.0, workers=4, cores=2, wait_s=1.0) == 1.5
+    assert pl.bound_seconds(stages, 0.0, workers=0, cores=2) == 3.5
+    assert pl.bound_seconds(stages, 5.0, workers=4, cores=2) == 5.0
+    with pytest.raises(ValueError, match="cores"):
+        pl.bound_seconds(stages, 0.0, 1, cores=0)
+
+
+def test_step_fraction_separates_thread_and_workers():
+    # the chapter's contrast: one thread is producer-bound, two workers are step-bound
+    assert 0.5 < pl.STEP_FRACTION < 1.0
+    stages = {"extract": 0.1, "transform": 0.9, "load": 0.05}
+    step = pl.STEP_FRACTION
+    assert pl.bound_seconds(stages, step, 0) == 1.0 > step == pl.bound_seconds(stages, step, 2)
 
 
 def test_workers_sweep_rows(store):
     rows = pl.workers_sweep(_source(store), _aug(), lambda x: x, pl.emulated_step(0), [0, 1], batches=6, skip=2)
+    assert pl.steady_skip(2, 4) > 2 + 4
     assert [r["workers"] for r in rows] == [0, 1] and all(r["s_per_batch"] > 0 for r in rows)

@@ -3,8 +3,10 @@
 Three stages, each on the resource it uses:
 
 - **extract**: contiguous batch reads from an HDF5 store (chapter 03), sharded by process;
+  :class:`SlowReads` adds a modelled per-read wait (remote storage), which threads overlap;
 - **transform**: image augmentation on the CPU (crop, flip, rotate, resize, grayscale),
-  optionally in worker processes (h5py and NumPy hold locks, so threads do not scale);
+  optionally in worker processes (Python code and h5py calls hold the GIL, so threads
+  scale only the parts that release it: NumPy array work and waiting for I/O);
 - **load**: transfer to the devices, sharded over a mesh when there are several.
 
 :class:`Pipeline` overlaps them with bounded queues, records a per-batch timeline,
@@ -61,6 +63,15 @@ class Timeline:
     def events(self) -> list[Event]:
         with self._lock:
             return sorted(self._events, key=lambda e: e.start)
+
+    def steady(self, skip: int) -> Timeline:
+        """The events from the start of the ``skip``-th compute step on (start-up left out)."""
+        computes = sorted(e.start for e in self.events if e.stage == "compute")
+        if len(computes) <= skip:
+            raise ValueError(f"only {len(computes)} compute steps for skip={skip}")
+        out = Timeline()
+        out.extend([e for e in self.events if e.start >= computes[skip]])
+        return out
 
     def durations(self) -> dict[str, list[float]]:
         """Every recorded duration, by stage."""
@@ -216,6 +227,64 @@ class HDF5Records(_LazyStore):
         return self._opened().row(int(index), self.name)
 
 
+# The modelled wait of one remote read (a batch fetched from object storage or a cold disk).
+# Real first-byte latencies of object stores are longer (of the order of 100 ms); a shorter
+# wait keeps the chapter quick and shows the same mechanism.
+READ_LATENCY_S = 0.02
+
+
+class SlowReads:
+    """A batch source whose every read first waits ``latency`` seconds: a *modelled* remote
+    store (network or object storage, a cold disk), wrapped around :class:`HDF5Batches`.
+
+    The wait is a ``time.sleep``, which releases the GIL and uses no core, as a process
+    blocked on a socket or a disk does. Batches, order and sharding are those of ``source``;
+    it pickles like ``source``, so worker processes and thread pools can read from it.
+    """
+
+    def __init__(self, source: HDF5Batches, latency: float = READ_LATENCY_S):
+        if latency < 0:
+            raise ValueError(f"latency must be >= 0 seconds, got {latency}")
+        self.source = source
+        self.latency = float(latency)
+        for name in ("path", "name", "batch_size", "rows", "total_batches", "batches", "shuffle"):
+            setattr(self, name, getattr(source, name))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def order(self, epoch: int, seed: int) -> list[int]:
+        return self.source.order(epoch, seed)
+
+    def read(self, batch: int) -> np.ndarray:
+        time.sleep(self.latency)  # waiting for the remote store: no core, no GIL held
+        return self.source.read(batch)
+
+
+def parallel_reads(source, ids: Sequence[int], readers: int) -> list[np.ndarray]:
+    """Read the batches ``ids`` with ``readers`` threads, at most ``readers`` reads in
+    flight, returned in the order of ``ids``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if readers < 1:
+        raise ValueError(f"readers must be >= 1, got {readers}")
+    with ThreadPoolExecutor(readers) as pool:
+        return list(pool.map(source.read, ids))
+
+
+def read_scaling(source, readers: Sequence[int], batches: int) -> list[dict[str, Any]]:
+    """Seconds per batch to read ``batches`` batches with each number of reader threads
+    (1 = sequential reads), after one warm-up read (the file open)."""
+    ids = source.batches[:batches]
+    source.read(ids[0])
+    rows = []
+    for k in readers:
+        start = time.perf_counter()
+        parallel_reads(source, ids, k)
+        rows.append({"readers": k, "s_per_batch": (time.perf_counter() - start) / len(ids)})
+    return rows
+
+
 # --------------------------------------------------------------------------- transform
 
 
@@ -331,26 +400,56 @@ def _row_read_task(batch: int) -> int:
     return batch
 
 
-SCALING_TASKS = {"augment": _transform_task, "row reads": _row_read_task}
+def _warm_task(fn: Callable[[int], int], batch: int) -> int:
+    fn(batch)
+    time.sleep(0.25)
+    return batch
 
 
-def transform_scaling(source: HDF5Batches, augment: Augment, batches: int,
-                      workers: int, kind: str, task: str = "augment") -> float:
-    """Seconds per batch of ``task`` with ``workers`` threads or processes (``kind``).
+def _batch_read_task(batch: int) -> int:
+    _WORKER["source"].read(batch)
+    return batch
 
-    ``task``: "augment" (read a batch, augment it: mostly NumPy array work) or "row reads"
-    (read the batch's rows one by one: many small h5py calls). Pool start-up is excluded,
-    and NumPy's BLAS is limited to one thread, so the parallelism measured is the pool's."""
+
+SCALING_TASKS = {"augment": _transform_task, "row reads": _row_read_task, "batch reads": _batch_read_task}
+SCALING_KINDS = ("sequential", "thread", "process")
+
+
+def transform_scaling(source, augment: Augment, batches: int, workers: int, kind: str,
+                      task: str = "augment") -> float:
+    """Seconds per batch of ``task`` done by ``kind``: "sequential" (a plain loop in one
+    thread: the common baseline, ``workers`` must be 1), or a pool of ``workers`` threads or
+    processes.
+
+    ``task``: "augment" (read a batch, augment it: NumPy array work with a Python loop over
+    the images), "row reads" (read the batch's rows one by one: many small h5py calls) or
+    "batch reads" (one read per batch: with :class:`SlowReads`, mostly waiting). Pool
+    start-up is excluded, and NumPy's BLAS is limited to one thread everywhere, so the
+    parallelism measured is the pool's."""
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
-    if kind not in ("thread", "process"):
-        raise ValueError(f"kind must be 'thread' or 'process', got {kind!r}")
+    if kind not in SCALING_KINDS:
+        raise ValueError(f"kind must be one of {SCALING_KINDS}, got {kind!r}")
     if task not in SCALING_TASKS:
         raise ValueError(f"task must be one of {sorted(SCALING_TASKS)}, got {task!r}")
+    if workers < 1 or (kind == "sequential" and workers != 1):
+        raise ValueError(f"need workers >= 1 (exactly 1 for 'sequential'), got {workers}")
     fn = SCALING_TASKS[task]
     ids = source.batches[:batches]
+    if kind == "sequential":  # a plain loop in one thread, as each thread of a pool runs it
+
+        def loop() -> float:
+            fn(ids[0])  # first file open
+            start = time.perf_counter()
+            for b in ids:
+                fn(b)
+            return (time.perf_counter() - start) / len(ids)
+
+        _init_worker(source, augment, limit_threads=False)
+        with threadpool_limits(1):
+            return in_thread(loop)
     if kind == "thread":
         _init_worker(source, augment, limit_threads=False)  # threads share this process's state
         pool = ThreadPoolExecutor(workers)
@@ -358,10 +457,12 @@ def transform_scaling(source: HDF5Batches, augment: Augment, batches: int,
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(source, augment))
     with threadpool_limits(1), pool:
-        list(pool.map(fn, ids[:workers]))  # start-up, first file open
+        # start-up: every worker runs one task and then sleeps, so each takes exactly one
+        # (none is still starting, importing or opening the file while the clock runs)
+        list(pool.map(_warm_task, [fn] * workers, ids[:1] * workers))
         # hand each process several batches per message, so the pool's per-task overhead
         # does not swamp a short task (threads ignore chunksize)
-        chunk = max(1, len(ids) // (4 * workers))
+        chunk = max(1, len(ids) // (2 * workers))
         start = time.perf_counter()
         list(pool.map(fn, ids, chunksize=chunk))
         return (time.perf_counter() - start) / len(ids)
@@ -660,27 +761,48 @@ def consume(pipeline_iter, step, batches: int, timeline: Timeline | None = None,
     return (time.perf_counter() - start) / (count - skip)
 
 
+def steady_skip(workers: int, prefetch: int) -> int:
+    """Batches to leave out before timing a pipeline: worker processes start unevenly, and
+    the results the others finished meanwhile (up to ``workers + prefetch`` in flight)
+    arrive in a burst once the late one delivers; timing that burst would overstate the
+    throughput, more so the more workers there are."""
+    return workers + prefetch + 4
+
+
 def workers_sweep(source: HDF5Batches, augment: Augment, load, step, workers: Sequence[int],
-                  batches: int, skip: int = 4) -> list[dict[str, Any]]:
-    """Seconds per batch of the overlapped pipeline for each worker count (0 = one thread)."""
+                  batches: int, skip: int | None = None, prefetch: int = 4) -> list[dict[str, Any]]:
+    """Seconds per batch of the overlapped pipeline for each worker count (0 = one thread),
+    after ``skip`` batches (default :func:`steady_skip`)."""
     rows = []
     for w in workers:
-        with Pipeline(source, augment, load, workers=w, prefetch=4) as pipe:
-            rows.append({"workers": w, "s_per_batch": consume(iter(pipe), step, batches, skip=skip)})
+        seconds, _ = pipeline_seconds(source, augment, load, step, w, batches, skip, prefetch)
+        rows.append({"workers": w, "s_per_batch": seconds})
     return rows
 
 
 # --------------------------------------------------------------------------- Grain
 
 
-class _GrainAugment:
-    """Picklable batch transform for Grain's ``map_with_index`` (batch index = batch id)."""
+class BatchAugment:
+    """``augment`` as Grain's ``map_with_index`` transform: ``(batch index, batch) -> batch``.
+
+    It lives in a module, not in a notebook cell, because Grain's worker processes are
+    spawned: they unpickle the transform by importing it by name, and a function defined in
+    a notebook's ``__main__`` cannot be found there."""
 
     def __init__(self, augment: Augment):
         self.augment = augment
 
     def __call__(self, index: int, batch: np.ndarray) -> np.ndarray:
         return self.augment(batch, 0, index)
+
+
+def limit_blas_threads(worker_index: int = 0, worker_count: int = 1) -> None:
+    """Limit NumPy's BLAS to one thread for the life of this process: Grain's
+    ``worker_init_fn``, so its workers run the transform as :class:`Pipeline`'s do."""
+    from threadpoolctl import threadpool_limits
+
+    _WORKER["limits"] = threadpool_limits(1)
 
 
 def grain_iterator(path, batch_size: int, augment: Augment, workers: int, prefetch: int = 4):
@@ -698,10 +820,10 @@ def grain_iterator(path, batch_size: int, augment: Augment, workers: int, prefet
 
     ds = (grain.MapDataset.source(HDF5Records(path))
           .batch(batch_size, drop_remainder=True)
-          .map_with_index(_GrainAugment(augment)))
+          .map_with_index(BatchAugment(augment)))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if workers:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=limit_blas_threads)
     return iter(it)
 
 
@@ -740,13 +862,38 @@ def device_prefetch(iterator, load, size: int = 2, timeline: Timeline | None = N
 # --------------------------------------------------------------------------- benchmark
 
 
+def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` in a new thread and return its result (or raise its error).
+
+    The same NumPy work can take a different time in the main thread of a long-lived
+    interpreter (a notebook kernel) than in a fresh thread. A pipeline's producer is a
+    thread, so its baseline is measured in one too."""
+    out: dict[str, Any] = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name="measure")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def stage_seconds(source: HDF5Batches, augment: Augment, load, batches: int = 16,
-                  repeats: int = 2) -> dict[str, float]:
+                  repeats: int = 2, thread: bool = False) -> dict[str, float]:
     """Seconds per batch of extract, transform and load, each measured alone.
 
     The median over ``batches`` batches, and the best of ``repeats`` such runs: the
     least-disturbed estimate, as ``timeit`` does (a machine still busy with the previous
-    cell's processes would otherwise inflate it)."""
+    cell's processes would otherwise inflate it). ``thread=True`` measures in a fresh
+    thread, as a pipeline's producer runs (see :func:`in_thread`)."""
+    if thread:
+        return in_thread(stage_seconds, source, augment, load, batches, repeats)
     run_sequential(source, augment, load, emulated_step(0.0), 1)  # warm-up: first read, compile
     best: dict[str, float] = {}
     for _ in range(repeats):
@@ -758,69 +905,139 @@ def stage_seconds(source: HDF5Batches, augment: Augment, load, batches: int = 16
     return best
 
 
-def bound_seconds(stages: dict[str, float], compute_s: float, workers: int) -> float:
+def bound_seconds(stages: dict[str, float], compute_s: float, workers: int,
+                 cores: int | None = None, wait_s: float = 0.0) -> float:
     """The slowest stage per batch, given its parallelism: extract + transform run together
-    in each of ``workers`` processes (or one thread), load and compute one at a time."""
+    in each of ``workers`` processes (or one thread, ``workers=0``), load and compute one at
+    a time.
+
+    With ``cores``, the host's *CPU* work per batch (extract + transform + load, minus
+    ``wait_s``, the part of a read spent waiting, which uses no core) cannot go faster than
+    ``cores`` at a time: past the core count, more workers help only by overlapping waits."""
     producer = (stages["extract"] + stages["transform"]) / max(workers, 1)
+    if cores is not None:
+        if cores < 1:
+            raise ValueError(f"cores must be >= 1, got {cores}")
+        cpu = max(stages["extract"] + stages["transform"] + stages["load"] - wait_s, 0.0)
+        producer = max(producer, cpu / cores)
     return max(producer, stages["load"], compute_s)
 
 
-# The emulated accelerator step lasts this fraction of one batch's extract + transform time
-# (measured alone). With 2 workers the producer needs about half of that per batch, plus
-# what the cores lose to sharing with the main process, so a well-built pipeline on 2 cores
-# is accelerator-bound: the goal of an input pipeline is that the accelerator never waits.
+# Chapter 13 watches the host while a pipeline feeds a step as long as extract + transform.
 COMPUTE_FRACTION = 1.0
+# Chapter 04's emulated accelerator step lasts this fraction of one batch's extract +
+# transform on one core. Between 1/2 (what 2 worker processes need per batch) and 1 (what
+# one producer thread needs), with room for overheads on both sides: one producer thread is
+# then transform-bound (the step waits) and 2 workers are accelerator-bound (it never does).
+STEP_FRACTION = 0.7
+
+
+def pipeline_seconds(source, augment: Augment, load, step, workers: int, batches: int,
+                     skip: int | None = None, prefetch: int = 4) -> tuple[float, Timeline]:
+    """Seconds per batch of :class:`Pipeline` with ``workers`` (0 = one producer thread)
+    feeding ``step``, after ``skip`` start-up batches (default :func:`steady_skip`), and its
+    timeline."""
+    skip = steady_skip(workers, prefetch) if skip is None else skip
+    timeline = Timeline()
+    with Pipeline(source, augment, load, workers=workers, prefetch=prefetch, timeline=timeline) as pipe:
+        seconds = consume(iter(pipe), step, batches, skip=skip, timeline=timeline)
+    return seconds, timeline
 
 
 def bench_pipeline(quick: bool = False, folder=None) -> dict[str, Any]:
-    """Benchmark ``pipeline``: sequential vs overlapped vs Grain on the same work."""
+    """Benchmark ``pipeline``: sequential vs one producer thread vs worker processes vs
+    Grain on the same work, their bounds, and reads from a latency-injected source with
+    1..8 reader threads.
+
+    NumPy's BLAS is limited to one thread throughout, as in the worker processes, so every
+    stage time is one core's and the parallelism measured is the pipeline's."""
     import tempfile
 
     import jax
+    from threadpoolctl import threadpool_limits
+
+    from scalelab import env
 
     rows = 4096 if quick else 16384
     batch = 128
-    from scalelab import env
-
     workers = max(1, min(2, env.cpu_cores()))
     augment = Augment(seed=0)
     load = make_loader(jax.devices())
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp, threadpool_limits(1):
         path = make_patch_store(Path(tmp) / "patches.h5", rows)
         source = HDF5Batches(path, batch, shuffle=False)
-        stages = stage_seconds(source, augment, load)
-        compute_s = COMPUTE_FRACTION * (stages["extract"] + stages["transform"])
+        stages = stage_seconds(source, augment, load, thread=True)
+        compute_s = STEP_FRACTION * (stages["extract"] + stages["transform"])
         step = emulated_step(compute_s)
         n = len(source)
         seq = run_sequential(source, augment, load, step, n) / n
-        skip = 6  # worker start-up (process spawn, imports) is not steady state
-        timeline = Timeline()
-        with Pipeline(source, augment, load, workers=workers, prefetch=4) as pipe:
-            overlapped = consume(iter(pipe), step, n, skip=skip, timeline=timeline)
+        thread_s, _ = pipeline_seconds(source, augment, load, step, 0, n)
+        overlapped, timeline = pipeline_seconds(source, augment, load, step, workers, n)
         # the step's real duration (a sleep overshoots by the time to wake and retake the GIL)
         compute_measured = float(np.median(timeline.durations()["compute"]))
         it = grain_iterator(path, batch, augment, workers)
         try:
-            grain_s = consume(device_prefetch(it, load, 4), step, n, skip=skip)
+            grain_s = consume(device_prefetch(it, load, 4), step, n, skip=steady_skip(workers, 4))
         finally:
             with contextlib.suppress(Exception):
                 it.close()
+        slow = SlowReads(source, READ_LATENCY_S)
+        reads = read_scaling(slow, [1, 2, 4, 8], min(n, 16 if quick else 32))
+    bound_thread = bound_seconds(stages, compute_measured, 0)
     bound = bound_seconds(stages, compute_measured, workers)
+    by_readers = {r["readers"]: r["s_per_batch"] for r in reads}
     return {
         "rows": rows, "batch_size": batch, "batches": n, "workers": workers,
         "stage_s_per_batch": {**stages, "compute": compute_measured},
+        "step_fraction": STEP_FRACTION,
         "emulated_compute_s_per_batch": compute_s,
-        "sequential_s_per_batch": seq, "overlapped_s_per_batch": overlapped,
-        "grain_s_per_batch": grain_s, "bound_s_per_batch": bound,
-        "overlap_efficiency": bound / overlapped, "speedup_vs_sequential": seq / overlapped,
+        "sequential_s_per_batch": seq,
+        "thread_s_per_batch": thread_s, "bound_thread_s_per_batch": bound_thread,
+        "overlapped_s_per_batch": overlapped, "bound_s_per_batch": bound,
+        "grain_s_per_batch": grain_s,
+        "overlap_efficiency": bound / overlapped, "thread_efficiency": bound_thread / thread_s,
+        "speedup_vs_sequential": seq / overlapped, "speedup_workers_vs_thread": thread_s / overlapped,
         "ratio_vs_grain": grain_s / overlapped,
-        "note": f"compute is an emulated accelerator step (sleep) of {COMPUTE_FRACTION} x (extract + transform)",
+        "read_latency_s": READ_LATENCY_S,
+        "read_s_per_batch_by_readers": by_readers,
+        "read_speedup_8_readers": by_readers[1] / by_readers[8],
+        "note": (f"compute is an emulated accelerator step (sleep) of {STEP_FRACTION} x (extract + transform "
+                 f"on one core); reads of the latency-injected source wait {READ_LATENCY_S * 1e3:g} ms each "
+                 "(a modelled remote store)"),
     }
 
 
 __all__ = [
-    "Augment", "Event", "FailingAugment", "HDF5Batches", "HDF5Records", "Pipeline", "Timeline", "augment_jax",
-    "bench_pipeline", "bound_seconds", "consume", "device_prefetch", "emulated_step",
-    "grain_iterator", "make_loader", "make_patch_store", "plot_timeline",
-    "resize_weights", "run_sequential", "stage_seconds", "transform_scaling", "workers_sweep",
+    "READ_LATENCY_S",
+    "STEP_FRACTION",
+    "Augment",
+    "BatchAugment",
+    "Event",
+    "FailingAugment",
+    "HDF5Batches",
+    "HDF5Records",
+    "Pipeline",
+    "SlowReads",
+    "Timeline",
+    "augment_jax",
+    "bench_pipeline",
+    "bound_seconds",
+    "consume",
+    "device_prefetch",
+    "emulated_step",
+    "grain_iterator",
+    "in_thread",
+    "limit_blas_threads",
+    "make_loader",
+    "make_patch_store",
+    "parallel_reads",
+    "pipeline_seconds",
+    "plot_timeline",
+    "read_scaling",
+    "resize_weights",
+    "run_sequential",
+    "stage_seconds",
+    "steady_skip",
+    "transform_scaling",
+    "workers_sweep",
 ]
