@@ -1,7 +1,10 @@
 """Chapter 14: the batching inference server, its bad-input handling and load behaviour."""
 
 import asyncio
+import http.server
 import json
+import threading
+import time
 
 import jax
 import numpy as np
@@ -50,6 +53,104 @@ def test_bad_requests_are_named(body, status, words):
     with pytest.raises(serve.BadRequest, match=words) as err:
         serve.parse_inputs(body, features=64, max_rows=8, max_body_bytes=1900)
     assert err.value.status == status
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b'{"inputs": [[1' + b"0" * 400 + b"]]}", 422, "float32 range"),  # an int too large for a float
+    (b'{"inputs": [[' + b"9" * 5000 + b"]]}", 400, "integer string conversion"),  # past the int-str digit limit
+    (b'{"inputs": ' + b"[" * 100_000 + b"}", 400, "nested too deeply"),
+    (b'{"inputs": [[1e39]]}', 422, "float32 range"),
+    (b'{"inputs": [[-Infinity]]}', 422, "finite"),
+    (b'{"inputs": [[NaN]]}', 422, "finite"),
+])
+def test_hostile_literals_are_named(body, status, words):
+    with pytest.raises(serve.BadRequest, match=words) as err:
+        serve.parse_inputs(body, features=1, max_rows=8, max_body_bytes=1_000_000)
+    assert err.value.status == status
+
+
+class Gate:
+    """A fake model: records each batch, and blocks while the gate is closed."""
+
+    def __init__(self, closed=False):
+        self.calls, self.started = [], threading.Event()
+        self.open = threading.Event()
+        if not closed:
+            self.open.set()
+
+    def __call__(self, x):
+        self.calls.append(x[:, 0].tolist())
+        self.started.set()
+        assert self.open.wait(30)
+        return x * 2
+
+
+async def until(condition, limit=10.0):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not condition():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+def test_a_lone_request_is_dispatched_without_waiting():
+    gate = Gate()
+
+    async def main():
+        b = serve.Batcher(gate, max_batch=8, max_wait_s=60.0)  # a wait of a minute would be seen
+        b.start()
+        out = await asyncio.wait_for(b.submit(np.full((1, 2), 7.0, np.float32)), 10)
+        await b.stop()
+        return out
+
+    np.testing.assert_array_equal(asyncio.run(main()), np.full((1, 2), 14.0))
+    assert gate.calls == [[7.0]]
+
+
+def test_requests_arriving_during_a_busy_call_form_the_next_batches():
+    gate = Gate(closed=True)
+
+    async def main():
+        b = serve.Batcher(gate, max_batch=4, max_wait_s=60.0)
+        b.start()
+        first = asyncio.ensure_future(b.submit(np.full((1, 2), 0.0, np.float32)))
+        await until(gate.started.is_set)  # the model is busy with the first request alone
+        assert b.busy
+        xs = [np.full((1 + (i == 3), 2), float(i + 1), np.float32) for i in range(9)]  # 10 rows
+        rest = [asyncio.ensure_future(b.submit(x)) for x in xs]
+        await until(lambda: b._queue.qsize() == len(xs))
+        gate.open.set()
+        outs = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        await b.stop()
+        return xs, outs, b.stats
+
+    xs, outs, stats = asyncio.run(main())
+    np.testing.assert_array_equal(outs[0], np.zeros((1, 2)))
+    for x, out in zip(xs, outs[1:], strict=True):  # every caller gets its own rows back
+        np.testing.assert_array_equal(out, x * 2)
+    # the first batch is the lone request; then what queued meanwhile, in order, <= 4 rows each
+    assert gate.calls == [[0.0], [1.0, 2.0, 3.0], [4.0, 4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]
+    assert all(len(c) <= 4 for c in gate.calls)
+    assert stats.batches == 4 and stats.requests == 10 and stats.rows == 11
+
+
+def test_a_partial_batch_waits_only_for_requests_being_received():
+    gate = Gate()
+
+    async def main():
+        b = serve.Batcher(gate, max_batch=8, max_wait_s=60.0)
+        b.start()
+        with b.arriving():  # a second request is being read: the first may wait for it
+            first = asyncio.ensure_future(b.submit(np.full((1, 2), 1.0, np.float32)))
+            await asyncio.sleep(0.05)
+            assert not gate.calls
+            second = asyncio.ensure_future(b.submit(np.full((1, 2), 2.0, np.float32)))
+        outs = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        await b.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    assert gate.calls == [[1.0, 2.0]] and outs[1][0, 0] == 4.0
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -151,3 +252,109 @@ def test_the_page_runs_the_model_in_a_browser(model, predictor, tmp_path):
     site = serve.write_web_demo(tmp_path / "site", path, x, ort_src=serve.local_ort_web())
     result = serve.run_in_browser(site)
     np.testing.assert_allclose(result["probabilities"], predictor(x), atol=1e-5)
+
+
+HOSTILE_STATUS = {"truncated JSON": 400, "not an object": 422, "no inputs key": 422, "wrong width": 422,
+                  "strings": 422, "too many rows": 413, "NaN literal": 422, "outputs overflow": 422,
+                  "int beyond float": 422, "int beyond str limit": 400, "deep nesting": 400,
+                  "wrong Content-Type": 415}
+
+
+def test_http_json_returns_the_text_of_a_non_json_answer():
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html>502 Bad Gateway</html>"
+            self.send_response(502)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Proxy)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        status, answer = serve.http_json(f"http://127.0.0.1:{srv.server_address[1]}/x")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert status == 502 and answer == "<html>502 Bad Gateway</html>"
+
+
+@pytest.fixture(scope="module")
+def hostile_server(model):
+    cfg = serve.ServerConfig(str(model["exported"]), max_batch=16, max_rows=16, body_timeout_s=1.0)
+    with serve.ServerProcess(cfg) as server:
+        yield server
+
+
+def test_every_hostile_class_gets_a_named_4xx(hostile_server):
+    bodies = serve.hostile_bodies(64)
+    assert set(bodies) == set(HOSTILE_STATUS)
+    for name, (body, ctype) in bodies.items():
+        status, answer = serve.http_json(hostile_server.url + "/predict", body, content_type=ctype)
+        assert status == HOSTILE_STATUS[name], (name, status, answer)
+        assert isinstance(answer, dict) and answer["error"], name
+    assert "overflow to NaN or inf" in serve.http_json(hostile_server.url + "/predict",
+                                                       bodies["outputs overflow"][0])[1]["error"]
+    assert "application/json" in serve.http_json(hostile_server.url + "/predict", b"{}",
+                                                 content_type="text/plain")[1]["error"]
+
+
+def test_chunked_uploads_are_limited_while_streaming(hostile_server, predictor):
+    x = np.random.default_rng(4).random((2, 64)).round(3)
+    ok = serve.chunked_upload(hostile_server.url + "/predict", body=json.dumps({"inputs": x.tolist()}).encode(),
+                              chunk_bytes=100)
+    assert ok["status"] == 200
+    np.testing.assert_allclose(json.loads(ok["text"])["probabilities"], predictor(x.astype(np.float32)), atol=2e-6)
+    big = serve.chunked_upload(hostile_server.url + "/predict", total_bytes=200_000_000)
+    assert big["status"] == 413 and "exceeds the limit" in big["text"]
+    assert big["sent_bytes"] < 50_000_000  # refused while streaming, not after buffering it whole
+
+
+def test_a_stalled_body_gets_408_and_an_aborted_one_logs_one_line(hostile_server):
+    stalled = serve.stalled_upload(hostile_server.url + "/predict", timeout=20)
+    assert stalled["status"] == 408 and "did not arrive within 1 s" in stalled["text"]
+    before = hostile_server.log_text()
+    serve.stalled_upload(hostile_server.url + "/predict", abort=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and hostile_server.log_text() == before:
+        time.sleep(0.05)
+    new = hostile_server.log_text()[len(before):]
+    assert "Traceback" not in new and new.count("\n") == 1 and "disconnected" in new
+    assert serve.http_json(hostile_server.url + "/health")[1]["status"] == "ok"
+
+
+def test_mixed_hostile_load_no_5xx_right_answers_bounded_memory(hostile_server, predictor):
+    import concurrent.futures
+
+    import psutil
+
+    proc = psutil.Process(hostile_server.proc.pid)  # one worker: uvicorn serves in this process
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.01)
+
+    url = hostile_server.url + "/predict"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        watcher = pool.submit(watch)
+        raw = [pool.submit(serve.chunked_upload, url, 100_000_000) for _ in range(4)]  # 400 MB offered
+        raw += [pool.submit(serve.stalled_upload, url, timeout=20), pool.submit(serve.stalled_upload, url, abort=True)]
+        result = serve.load_test(hostile_server.url, requests=300, concurrency=8, bad_fraction=0.4, seed=2,
+                                 reference=predictor)
+        answers = [f.result() for f in raw]
+        done.set()
+        watcher.result()
+    assert result["status_5xx"] == 0 and result["no_answer"] == 0
+    assert result["good_ok"] == result["good_requests"] > 0 and result["good_mismatch"] == 0
+    assert result["bad_4xx"] == result["bad_requests"] > 0
+    assert [a["status"] for a in answers[:5]] == [413] * 4 + [408]
+    # stated bound: 4 concurrent oversized uploads (1 MB limit each) grow the server by < 64 MB, not 400 MB
+    assert peak[0] - base < 64 * 2**20, (peak[0] - base) / 2**20

@@ -3,9 +3,19 @@
 - :class:`Predictor` serves the model exported in chapter 12 (StableHLO + weights): no
   model code, one compiled program per batch-size bucket.
 - :func:`create_app` is an HTTP service (FastAPI on uvicorn): ``POST /predict``,
-  ``GET /health``, ``GET /metrics``. Requests queue in a :class:`Batcher`, which groups
-  them up to a maximum batch or a maximum wait (dynamic batching) — or, unbatched, runs
-  one request at a time. Bad input gets a 4xx answer naming what was expected.
+  ``GET /health``, ``GET /metrics``. Requests queue in a :class:`Batcher` (dynamic
+  batching: dispatch at once when the model is idle, collect while it is busy, up to a
+  maximum batch) — or, unbatched, run one at a time. Every request that is not a valid
+  input gets a 4xx answer naming what was expected, never a 500: 400 malformed JSON
+  (including over-deep nesting and over-long integer literals), 408 a body not complete
+  within ``body_timeout_s`` (default 5 s) of starting to read it, 413 a body over
+  ``max_body_bytes`` (counted while streaming, whatever the transfer encoding) or too many
+  rows, 415 a Content-Type other than ``application/json``, 422 wrong shape, non-numbers,
+  non-finite or out-of-float32 values, or inputs whose outputs overflow to NaN/inf. An
+  upload the client aborts is logged as one info line. (Stalled request *headers* are
+  uvicorn's to time out, not this module's.)
+- :func:`hostile_bodies`, :func:`chunked_upload` and :func:`stalled_upload` produce the
+  hostile requests, the last two over a raw socket.
 - ``python -m scalelab.serve`` starts it, with several worker processes behind one
   address if asked (the load-balancer arrangement); :class:`ServerProcess` starts and
   always stops it from Python.
@@ -25,6 +35,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -96,13 +107,17 @@ class Predictor:
 def parse_inputs(body: bytes, features: int, max_rows: int, max_body_bytes: int) -> np.ndarray:
     """The ``inputs`` of a JSON request body as a (rows, features) float32 array, or a
     :class:`BadRequest` naming what was wrong (400 malformed, 413 too large, 422 wrong
-    shape or type)."""
+    shape, type or magnitude). Never raises anything else, whatever the bytes."""
     if len(body) > max_body_bytes:
         raise BadRequest(413, f"request body of {len(body)} bytes exceeds the limit of {max_body_bytes}")
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(400, f"malformed JSON: {err}") from None
+    except RecursionError:
+        raise BadRequest(400, 'malformed JSON: nested too deeply; expected {"inputs": [[...], ...]}') from None
+    except ValueError as err:  # e.g. an integer literal longer than Python's int-string limit
+        raise BadRequest(400, f"malformed JSON: {err}; expected numbers of float32 range") from None
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise BadRequest(422, 'expected a JSON object {"inputs": [[...], ...]}')
     rows = payload["inputs"]
@@ -115,9 +130,14 @@ def parse_inputs(body: bytes, features: int, max_rows: int, max_body_bytes: int)
         raise BadRequest(422, f"row {bad} has {len(rows[bad])} values, expected {features}")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for r in rows for v in r):
         raise BadRequest(422, "'inputs' must contain only numbers (int or float)")
-    x = np.asarray(rows, np.float32)
+    finite = "'inputs' must be finite numbers within float32 range (|x| < 3.4e38)"
+    try:
+        with np.errstate(over="ignore"):
+            x = np.asarray(rows, np.float32)
+    except (OverflowError, ValueError):  # an integer too large for a float
+        raise BadRequest(422, finite) from None
     if not np.isfinite(x).all():
-        raise BadRequest(422, "'inputs' must be finite numbers")
+        raise BadRequest(422, finite)
     return x
 
 
@@ -136,23 +156,36 @@ class BatchStats:
 
 
 class Batcher:
-    """Groups queued requests into one model call: up to ``max_batch`` rows, waiting at
-    most ``max_wait_s`` after the first request of a batch. ``batched=False`` serves one
-    request at a time (the baseline). The model runs in one worker thread so the event
-    loop keeps accepting requests while it computes."""
+    """Dynamic batching with the standard rule: **dispatch at once when the model is idle,
+    collect while it is busy.**
 
-    def __init__(self, predict, max_batch: int = 64, max_wait_s: float = 0.005, batched: bool = True):
+    - The model is idle and a request arrives: it runs at once, with whatever else is
+      queued (up to ``max_batch`` rows). A lone request never waits.
+    - The model is busy: new requests queue. When the call returns, the next batch is what
+      arrived during it (up to ``max_batch`` rows; the rest waits for the call after).
+    - ``max_wait_s`` (default 0: never wait) only lets a partial batch wait, with the model
+      free, for requests the server has already started to receive (see :meth:`arriving`)
+      — never for requests that do not exist, so it adds no latency at one client.
+
+    ``batched=False`` serves one request at a time (the baseline). The model runs in one
+    worker thread so the event loop keeps accepting requests while it computes."""
+
+    def __init__(self, predict, max_batch: int = 64, max_wait_s: float = 0.0, batched: bool = True):
         if max_batch < 1 or max_wait_s < 0:
             raise ValueError(f"need max_batch >= 1 and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
         self.predict, self.max_batch, self.max_wait_s, self.batched = predict, max_batch, max_wait_s, batched
         self.stats = BatchStats()
+        self.busy = False  # a model call is running
+        self._incoming = 0  # requests being received (body not yet read), see arriving()
         self._queue: asyncio.Queue | None = None
+        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self._carry = None
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
+        self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -162,10 +195,37 @@ class Batcher:
                 await self._task
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    @contextlib.contextmanager
+    def arriving(self):
+        """Mark a request as on its way (its body is being read and parsed): a partial
+        batch may wait up to ``max_wait_s`` for it."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            if self._wake is not None:
+                self._wake.set()
+
     async def submit(self, x: np.ndarray) -> np.ndarray:
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put((x, fut))
+        self._queue.put_nowait((x, fut))
+        self._wake.set()
         return await fut
+
+    def _take(self, items: list, rows: int) -> int:
+        """Move queued requests into ``items`` while they fit in ``max_batch`` rows."""
+        while rows < self.max_batch and self._carry is None:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if rows + len(item[0]) > self.max_batch:
+                self._carry = item  # starts the next batch
+                break
+            items.append(item)
+            rows += len(item[0])
+        return rows
 
     async def _collect(self) -> list:
         loop = asyncio.get_running_loop()
@@ -174,23 +234,17 @@ class Batcher:
         items, rows = [first], len(first[0])
         if not self.batched:
             return items
+        rows = self._take(items, rows)  # everything that queued while the model was busy
         deadline = loop.time() + self.max_wait_s
-        while rows < self.max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if rows + len(item[0]) > self.max_batch:
-                self._carry = item  # starts the next batch
+        # the model is free: wait only for requests already being received, and at most max_wait_s
+        while rows < self.max_batch and self._carry is None and self._incoming > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 break
-            items.append(item)
-            rows += len(item[0])
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            rows = self._take(items, rows)
         return items
 
     async def _run(self) -> None:
@@ -198,6 +252,7 @@ class Batcher:
         while True:
             items = await self._collect()
             x = np.concatenate([i[0] for i in items])
+            self.busy = True
             try:
                 out = await loop.run_in_executor(self._pool, self.predict, x)
             except Exception as err:  # the model failed: fail these requests, keep serving
@@ -205,6 +260,8 @@ class Batcher:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
+            finally:
+                self.busy = False
             self.stats.batches += 1
             self.stats.requests += len(items)
             self.stats.rows += len(x)
@@ -226,6 +283,7 @@ class ServerConfig:
     batched: bool = True
     max_rows: int = 64
     max_body_bytes: int = 1_000_000
+    body_timeout_s: float = 5.0
 
     def to_env(self) -> dict[str, str]:
         return {ENV_PREFIX + k.upper(): str(v) for k, v in dataclasses.asdict(self).items()}
@@ -248,13 +306,60 @@ class ServerConfig:
         return cls(**kw)
 
 
+def server_log() -> logging.Logger:
+    """The server's own logger (``scalelab.serve``): one line per event on stderr, at info level."""
+    log = logging.getLogger("scalelab.serve")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+async def read_body(request: Request, max_body_bytes: int, timeout_s: float) -> bytes:
+    """The request body, read from the stream with two limits, whatever the transfer
+    encoding (Content-Length or chunked): 413 as soon as more than ``max_body_bytes`` have
+    arrived (or are announced), 408 if the whole body has not arrived ``timeout_s`` seconds
+    after the handler started reading it (a stalled or trickling upload)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise BadRequest(413, f"request body of {int(declared)} bytes exceeds the limit of {max_body_bytes}")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise BadRequest(413, f"request body of more than {max_body_bytes} bytes exceeds the limit "
+                                          f"of {max_body_bytes}")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(408, f"the request body did not arrive within {timeout_s:g} s "
+                              f"({size} bytes received)") from None
+    return b"".join(chunks)
+
+
+async def read_inputs(request: Request, config: ServerConfig, features: int) -> np.ndarray:
+    """A /predict request's inputs, or a :class:`BadRequest`: 415 unless the Content-Type
+    is ``application/json``, then :func:`read_body`'s limits, then :func:`parse_inputs`."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise BadRequest(415, f"Content-Type {media or '(none)'!r} is not supported: expected application/json")
+    body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
+    return parse_inputs(body, features, config.max_rows, config.max_body_bytes)
+
+
 def create_app(config: ServerConfig | None = None):
     """The FastAPI application (``config`` from ``SCALELAB_SERVE_*`` variables if None,
     which is how uvicorn's worker processes build it)."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
+    from starlette.requests import ClientDisconnect
 
     config = config or ServerConfig.from_env()
+    log = server_log()
     state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
@@ -272,15 +377,24 @@ def create_app(config: ServerConfig | None = None):
     @app.post("/predict")
     async def predict(request: Request):
         predictor, batcher = state["predictor"], state["batcher"]
-        declared = int(request.headers.get("content-length") or 0)
         try:
-            if declared > config.max_body_bytes:
-                raise BadRequest(413, f"request body of {declared} bytes exceeds the limit of {config.max_body_bytes}")
-            x = parse_inputs(await request.body(), predictor.features, config.max_rows, config.max_body_bytes)
+            with batcher.arriving():
+                x = await read_inputs(request, config, predictor.features)
         except BadRequest as err:
             batcher.stats.rejected += 1
-            return JSONResponse({"error": str(err)}, status_code=err.status)
+            # the rest of an oversized or stalled body is not read: close the connection after answering
+            headers = {"connection": "close"} if err.status in (408, 413) else None
+            return JSONResponse({"error": str(err)}, status_code=err.status, headers=headers)
+        except ClientDisconnect:
+            batcher.stats.rejected += 1
+            log.info("client disconnected during the upload of a /predict body; nothing to answer")
+            return Response(status_code=400)
         probs = await batcher.submit(x)
+        if not np.isfinite(probs).all():
+            batcher.stats.rejected += 1
+            return JSONResponse({"error": "the model's outputs for these inputs overflow to NaN or inf: "
+                                 "expected inputs of the magnitude the model was trained on (digits: 0 to 16)"},
+                                status_code=422)
         return {"classes": np.argmax(probs, axis=-1).tolist(), "probabilities": np.round(probs, 6).tolist(),
                 "worker": os.getpid()}
 
@@ -357,6 +471,16 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=15)
 
+    def log_text(self) -> str:
+        """What the server has written to stdout and stderr so far."""
+        if getattr(self, "_log", None) is None or self._log.closed:
+            return ""
+        self._log.flush()
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace")
+        self._log.seek(0, os.SEEK_END)
+        return text
+
     def __enter__(self) -> ServerProcess:
         return self.start()
 
@@ -367,53 +491,78 @@ class ServerProcess:
 # --------------------------------------------------------------------------- load testing
 
 
-def _payloads(features: int, count: int, rows: int, bad_fraction: float, seed: int) -> list[tuple[bytes, bool]]:
-    """Request bodies; a ``bad_fraction`` share is malformed in one of several ways."""
+JSON = "application/json"
+
+
+def hostile_bodies(features: int = 64) -> dict[str, tuple[bytes, str]]:
+    """One request of every class of bad input the server must refuse with a 4xx, as
+    (body, Content-Type), by name. (Chunked, stalled and aborted uploads need a raw
+    socket: :func:`chunked_upload`, :func:`stalled_upload`.)"""
+    row = [0.5] * features
+    return {
+        "truncated JSON": (b'{"inputs": [[1, 2', JSON),
+        "not an object": (b"[1, 2, 3]", JSON),
+        "no inputs key": (json.dumps({"rows": []}).encode(), JSON),
+        "wrong width": (json.dumps({"inputs": [row[:-1]]}).encode(), JSON),
+        "strings": (json.dumps({"inputs": [["x"] * features]}).encode(), JSON),
+        "too many rows": (json.dumps({"inputs": [row] * 1000}).encode(), JSON),
+        "NaN literal": (b'{"inputs": [[NaN' + b", 0" * (features - 1) + b"]]}", JSON),
+        "outputs overflow": (json.dumps({"inputs": [[3e38] * features]}).encode(), JSON),
+        "int beyond float": (b'{"inputs": [[1' + b"0" * 400 + b", 0" * (features - 1) + b"]]}", JSON),
+        "int beyond str limit": (b'{"inputs": [[' + b"9" * 5000 + b", 0" * (features - 1) + b"]]}", JSON),
+        "deep nesting": (b'{"inputs": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", JSON),
+        "wrong Content-Type": (json.dumps({"inputs": [row]}).encode(), "text/plain"),
+    }
+
+
+def _payloads(features: int, count: int, rows: int, bad_fraction: float, seed: int) -> list[tuple]:
+    """(body, good, inputs or None, Content-Type) per request; a ``bad_fraction`` share is
+    one of the :func:`hostile_bodies`, in turn."""
     rng = np.random.default_rng(seed)
-    bad_kinds = [b'{"inputs": [[1, 2', json.dumps({"inputs": [[0.0] * (features - 1)]}).encode(),
-                 json.dumps({"inputs": [["a"] * features]}).encode(), json.dumps({"rows": []}).encode(),
-                 json.dumps({"inputs": [[0.5] * features] * 1000}).encode()]
+    bad_kinds = list(hostile_bodies(features).values())
     out = []
     for i in range(count):
         if rng.random() < bad_fraction:
-            out.append((bad_kinds[i % len(bad_kinds)], False))
+            body, ctype = bad_kinds[i % len(bad_kinds)]
+            out.append((body, False, None, ctype))
         else:
             x = rng.random((rows, features)).round(3)
-            out.append((json.dumps({"inputs": x.tolist()}).encode(), True))
+            out.append((json.dumps({"inputs": x.tolist()}).encode(), True, x, JSON))
     return out
 
 
 _WORKER = re.compile(rb'"worker":\s*(\d+)')
 
 
-async def _drive(url: str, payloads, concurrency: int, timeout: float) -> list[tuple[bool, int, float, int]]:
+async def _drive(url: str, payloads, concurrency: int, timeout: float, keep: bool = False) -> list[tuple]:
+    """(good, status, seconds, worker pid, answer bytes if ``keep`` and good) per request."""
     import aiohttp
 
     queue: asyncio.Queue = asyncio.Queue()
     for p in payloads:
         queue.put_nowait(p)
-    results: list[tuple[bool, int, float, int]] = []
+    results: list[tuple] = []
     connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"content-type": "application/json"}
     async with aiohttp.ClientSession(url, connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=timeout)) as session:
 
         async def worker():
             while True:
                 try:
-                    body, good = queue.get_nowait()
+                    body, good, x, ctype = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                start, worker = time.perf_counter(), 0
+                start, worker, answer = time.perf_counter(), 0, b""
                 try:
-                    async with session.post("/predict", data=body, headers=headers) as r:
+                    async with session.post("/predict", data=body, headers={"content-type": ctype}) as r:
                         answer = await r.read()
                         status = r.status
                     m = _WORKER.search(answer)
                     worker = int(m.group(1)) if m else 0
                 except (aiohttp.ClientError, TimeoutError):
                     status = 0  # no answer at all
-                results.append((good, status, time.perf_counter() - start, worker))
+                results.append((good, status, time.perf_counter() - start, worker,
+                                (x, answer) if keep and good else None))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
@@ -429,37 +578,134 @@ def _run_async(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
-def http_json(url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
-    """A plain (blocking) GET, or POST of ``body`` as JSON; returns (status, parsed JSON)."""
+def http_json(url: str, body: Any = None, timeout: float = 10.0, content_type: str = JSON) -> tuple[int, Any]:
+    """A plain (blocking) GET, or POST of ``body`` as JSON; returns (status, parsed JSON),
+    or (status, the body as text) when the answer is not JSON (a proxy's error page, say)."""
     import urllib.error
     import urllib.request
 
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"content-type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
+            return r.status, _json_or_text(r.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"null")
+        return err.code, _json_or_text(err.read())
+
+
+def _json_or_text(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return raw.decode(errors="replace")
+
+
+def _raw_response(sock: socket.socket, timeout: float) -> tuple[int, str]:
+    """Read one HTTP/1.1 response (with a Content-Length) from ``sock``: (status, body);
+    status 0 if none came within ``timeout``."""
+    sock.settimeout(timeout)
+    data, length = b"", None
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        while length is None or len(data.partition(b"\r\n\r\n")[2]) < length:
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+            if length is None and b"\r\n\r\n" in data:
+                m = re.search(rb"(?im)^content-length:\s*(\d+)", data.partition(b"\r\n\r\n")[0])
+                length = int(m.group(1)) if m else 0
+    if not data.startswith(b"HTTP/"):
+        return 0, data.decode(errors="replace")
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+def chunked_upload(url: str, total_bytes: int = 0, chunk_bytes: int = 65536, timeout: float = 30.0,
+                   content_type: str = JSON, body: bytes | None = None) -> dict[str, Any]:
+    """POST ``body`` (default: ``total_bytes`` of spaces) to ``url`` with ``Transfer-Encoding:
+    chunked`` (no Content-Length) over a raw socket, stopping as soon as the server
+    answers. Returns the status, the answer's text and how many body bytes were sent."""
+    import select
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    sent = 0
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as sock:
+        sock.sendall(f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: {content_type}\r\n"
+                     f"Transfer-Encoding: chunked\r\n\r\n".encode())
+        piece = b" " * chunk_bytes
+        total_bytes = total_bytes if body is None else len(body)
+        deadline = time.monotonic() + timeout
+        try:
+            while sent < total_bytes and time.monotonic() < deadline:
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the server has answered (or closed): stop sending
+                n = min(chunk_bytes, total_bytes - sent)
+                data = piece[:n] if body is None else body[sent:sent + n]
+                sock.sendall(f"{n:x}\r\n".encode() + data + b"\r\n")
+                sent += n
+            else:
+                sock.sendall(b"0\r\n\r\n")
+        except ConnectionError:
+            pass
+        status, text = _raw_response(sock, timeout)
+    return {"status": status, "text": text, "sent_bytes": sent}
+
+
+def stalled_upload(url: str, declared_bytes: int = 1000, sent_bytes: int = 10, timeout: float = 30.0,
+                   abort: bool = False) -> dict[str, Any]:
+    """POST with ``Content-Length: declared_bytes`` but send only ``sent_bytes`` of the body,
+    then wait for the answer (a stalled upload) — or, with ``abort``, close the connection
+    (an aborted upload). Returns the status (0: none), the answer's text and the seconds
+    until it came."""
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    start = time.perf_counter()
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as sock:
+        sock.sendall(f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: {JSON}\r\n"
+                     f"Content-Length: {declared_bytes}\r\n\r\n".encode() + b"{" + b" " * (sent_bytes - 1))
+        if abort:
+            time.sleep(0.2)  # let the server start reading the body
+            return {"status": 0, "text": "", "seconds": time.perf_counter() - start}
+        status, text = _raw_response(sock, timeout)
+    return {"status": status, "text": text, "seconds": time.perf_counter() - start}
 
 
 def load_test(url: str, requests: int = 1000, concurrency: int = 32, rows: int = 1, bad_fraction: float = 0.0,
-              features: int = 64, seed: int = 0, timeout: float = 30.0) -> dict[str, Any]:
+              features: int = 64, seed: int = 0, timeout: float = 30.0, reference=None,
+              atol: float = 2e-6) -> dict[str, Any]:
     """Send ``requests`` POSTs with at most ``concurrency`` in flight (closed loop: each
-    client sends its next request when the last is answered). Returns throughput,
-    latency percentiles of the good requests, and status counts."""
+    client sends its next request when the last is answered); a ``bad_fraction`` share is
+    hostile (:func:`hostile_bodies`). Returns throughput, latency percentiles of the good
+    requests, and status counts; with ``reference`` (the model as a function), also
+    ``good_mismatch``: good answers whose probabilities differ from ``reference(x)`` by more
+    than ``atol`` (the server batches rows; a batch may round differently from a row alone),
+    and ``good_max_abs_diff``."""
     if requests < 1 or concurrency < 1 or not 0 <= bad_fraction <= 1:
         raise ValueError(f"need requests >= 1, concurrency >= 1, 0 <= bad_fraction <= 1; "
                          f"got {requests}, {concurrency}, {bad_fraction}")
     payloads = _payloads(features, requests, rows, bad_fraction, seed)
     start = time.perf_counter()
-    results = _run_async(_drive(url, payloads, concurrency, timeout))
+    results = _run_async(_drive(url, payloads, concurrency, timeout, keep=reference is not None))
     wall = time.perf_counter() - start
+    mismatch = max_diff = None
+    if reference is not None:  # a batch's rows may round differently from a row alone: compare within atol
+        mismatch, max_diff = 0, 0.0
+        for r in results:
+            if r[0] and r[1] == 200:
+                x, answer = r[4]
+                diff = float(np.max(np.abs(np.asarray(json.loads(answer)["probabilities"])
+                                           - reference(x.astype(np.float32)))))
+                mismatch += diff > atol
+                max_diff = max(max_diff, diff)
     good = [r for r in results if r[0]]
     lat = np.array([r[2] for r in good if r[1] == 200]) * 1e3
     statuses: dict[str, int] = {}
     workers: dict[str, int] = {}
-    for _, status, _, worker in results:
+    for _, status, _, worker, _ in results:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
         if worker:
             workers[str(worker)] = workers.get(str(worker), 0) + 1
@@ -472,7 +718,8 @@ def load_test(url: str, requests: int = 1000, concurrency: int = 32, rows: int =
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-        "statuses": statuses, "answered_by_worker": workers,
+        "statuses": statuses, "answered_by_worker": workers, "good_mismatch": mismatch,
+        "good_max_abs_diff": max_diff,
     }
 
 
@@ -832,7 +1079,8 @@ def serving_model(directory: str | os.PathLike, hidden: Sequence[int] = SERVING_
 
 def bench_serve(quick: bool = False) -> dict[str, Any]:
     """Benchmark ``serve``: throughput and latency of the batched vs unbatched server under
-    the same closed-loop load, and cold starts (model code, exported, exported + cache)."""
+    the same closed-loop load (32 clients, and one client: batching must cost nothing
+    there), and cold starts (model code, exported, exported + cache)."""
     requests = 600 if quick else 3000
     with tempfile.TemporaryDirectory() as tmp:
         model = serving_model(tmp, hidden=(2048, 2048) if quick else SERVING_HIDDEN, steps=20 if quick else 200)
@@ -843,6 +1091,7 @@ def bench_serve(quick: bool = False) -> dict[str, Any]:
                 load_test(server.url, requests=100, concurrency=32)  # warm the connections
                 runs[name] = load_test(server.url, requests=requests, concurrency=32)
                 runs[name]["server"] = metrics(server.url)
+                runs[name]["one"] = load_test(server.url, requests=requests // 5, concurrency=1)
         cache = Path(tmp) / "jax-cache"
         cold = {"code": cold_start("code", model["saved"])["wall_s"],
                 "exported": cold_start("exported", model["exported"])["wall_s"]}
@@ -857,7 +1106,11 @@ def bench_serve(quick: bool = False) -> dict[str, Any]:
         "p50_ms_batched": runs["batched"]["p50_ms"], "p99_ms_batched": runs["batched"]["p99_ms"],
         "p50_ms_unbatched": runs["unbatched"]["p50_ms"], "p99_ms_unbatched": runs["unbatched"]["p99_ms"],
         "mean_batch_rows": runs["batched"]["server"]["mean_batch_rows"],
-        "status_5xx": runs["batched"]["status_5xx"] + runs["unbatched"]["status_5xx"],
+        "one_client_rps_batched": runs["batched"]["one"]["rps"], "one_client_rps_unbatched": runs["unbatched"]["one"]["rps"],
+        "one_client_batched_over_unbatched": runs["batched"]["one"]["rps"] / runs["unbatched"]["one"]["rps"],
+        "one_client_p50_ms_batched": runs["batched"]["one"]["p50_ms"],
+        "one_client_p50_ms_unbatched": runs["unbatched"]["one"]["p50_ms"],
+        "status_5xx": sum(r["status_5xx"] + r["one"]["status_5xx"] for r in runs.values()),
         "cold_start_s_code": cold["code"], "cold_start_s_exported": cold["exported"],
         "cold_start_s_cached": cold["cached"], "cold_start_s_exported_cached": cold["exported_cached"],
         "cached_means": "model code with JAX's persistent compilation cache filled by an earlier start",
