@@ -59,3 +59,24 @@ def test_crashed_worker_stops_the_job_quickly():
     with pytest.raises(distributed.LaunchError, match="exited with code 3"):
         distributed.run_multiprocess_training(2, 2, steps=2, batch=16, timeout=120, fail="exit")
     assert time.perf_counter() - start < 60
+
+
+def test_worker_arguments_come_together_or_not_at_all():
+    from scalelab import dp_worker
+
+    args = dp_worker.parse_args(["--coordinator", "10.0.0.1:8476", "--processes", "2", "--process-id", "1"])
+    assert (args.coordinator, args.processes, args.process_id) == ("10.0.0.1:8476", 2, 1)
+    auto = dp_worker.parse_args(["--steps", "3"])  # the cluster path: initialize() with no arguments
+    assert (auto.coordinator, auto.processes, auto.process_id, auto.steps) == (None, None, None, 3)
+
+
+@pytest.mark.parametrize("argv", [["--coordinator", "h:1"], ["--processes", "2", "--process-id", "0"],
+                                  ["--coordinator", "h:1", "--processes", "2", "--process-id", "2"],
+                                  ["--batch", "0"]])
+def test_worker_rejects_partial_or_bad_cluster_arguments(argv, capsys):
+    from scalelab import dp_worker
+
+    with pytest.raises(SystemExit) as info:
+        dp_worker.parse_args(argv)
+    assert info.value.code == 2
+    assert "dp_worker" in capsys.readouterr().err
