@@ -227,6 +227,41 @@ def test_bandwidth_counts_bytes():
     assert tuple(r["kernel"] for r in rows) == hardware.BANDWIDTH_KERNELS
     with pytest.raises(ValueError, match="4 KiB"):
         hardware.bandwidth(100)
+    with pytest.raises(ValueError, match="repeat"):
+        hardware.bandwidth(1 << 20, repeat=0)
+
+
+def test_bandwidth_times_extra_kernels_in_the_same_rounds():
+    calls = []
+    rows = hardware.bandwidth(1 << 16, repeat=2, extra=[("mine", lambda: calls.append(1), 123)])
+    assert rows[-1]["kernel"] == "mine" and rows[-1]["bytes"] == 123
+    assert rows[-1]["bytes_per_s"] == pytest.approx(123 / rows[-1]["seconds"])
+    assert len(calls) >= 2 + 2  # warm-up and at least one call per round
+
+
+def test_cache_sizes_from_sysfs_and_fallback(tmp_path):
+    for i, (level, kind, size) in enumerate([(1, "Data", "32K"), (1, "Instruction", "32K"),
+                                             (2, "Unified", "1024K"), (3, "Unified", "32768K")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    sizes, source = hardware.cache_sizes(str(tmp_path))
+    assert sizes == {1: 32 * 2**10, 2: 2**20, 3: 32 * 2**20} and source == "sysfs"
+    sizes, source = hardware.cache_sizes(str(tmp_path / "missing"))
+    assert sizes == hardware.CACHE_FALLBACK and source.startswith("assumed")
+
+
+def test_cache_working_sets_fit_their_level():
+    sizes = {2: 2**20, 3: 32 * 2**20}
+    sets = dict(hardware.cache_working_sets(sizes, 256 * 2**20))
+    assert list(sets) == ["L2", "L3", "DRAM"]
+    assert 3 * sets["L2"] <= sizes[2] < 3 * sets["L3"] <= sizes[3] < sets["DRAM"]
+    # an L3 barely larger than L2 gets no level of its own
+    assert [k for k, _ in hardware.cache_working_sets({2: 2**20, 3: 2**21}, 2**28)] == ["L2", "DRAM"]
+    with pytest.raises(ValueError, match="L2"):
+        hardware.cache_working_sets({3: 2**25}, 2**28)
 
 
 def test_roofline_points_use_cost_analysis():
@@ -273,6 +308,8 @@ def test_spec_table_is_cited_and_labelled():
     for r in rows:
         assert r["source"].startswith("https://")
         assert r["ridge FLOP/B"] == pytest.approx(r["16-bit peak TFLOP/s"] * 1e12 / (r["memory GB/s"] * 1e9))
+    b200 = next(s for s in hardware.SPECS if s.name.startswith("NVIDIA B200"))
+    assert "per GPU" in b200.note  # the HGX page also lists 8-GPU totals
     cpu = hardware.cpu_info(ZEN4)
     with_cpu = hardware.spec_table(cpu, hardware.estimate_peak(cpu), 20e9)
     assert "ESTIMATED" in with_cpu[0]["note"] and "MEASURED" in with_cpu[0]["note"]

@@ -464,33 +464,102 @@ BANDWIDTH_KERNELS = ("numpy copy", "numpy add", "jax triad x+2y, fresh output",
                      "jax triad x+2y, in place")
 
 
-def bandwidth(nbytes: int, repeat: int = 5) -> list[dict[str, Any]]:
+def bandwidth(nbytes: int, repeat: int = 9,
+              extra: Sequence[tuple[str, Callable[[], Any], int]] = ()) -> list[dict[str, Any]]:
     """Streaming kernels over float32 arrays of ``nbytes`` each: bytes moved per second.
 
     copy (read 1, write 1) and add (read 2, write 1) in NumPy into a preallocated output; the
     triad x + 2y (read 2, write 1) in JAX, once returning a fresh array per call and once
     writing into ``x``'s donated buffer. The best of them is the measured memory bandwidth.
+
+    The kernels are timed *interleaved*: ``repeat`` rounds, each timing every kernel once, and
+    each kernel keeps its best round, so a burst of load from other processes hits all kernels
+    alike instead of one. ``extra`` adds ``(name, fn, bytes_moved)`` kernels (called with no
+    arguments) to the same rounds, e.g. a kernel to compare with the bandwidth at its own size.
+    Arrays under 4 MiB run several calls per timing (a single call would be timer noise).
     """
     n = int(nbytes) // 4
     if n < 1024:
         raise ValueError(f"nbytes must be at least 4 KiB, got {nbytes}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n, dtype=np.float32)
     y = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
     out = np.empty_like(x)
     xd, yd = jnp.asarray(x), jnp.asarray(y)
-    cases: list[tuple[str, Callable[..., Any], tuple, int]] = [
-        ("numpy copy", lambda: np.copyto(out, x), (), 8 * n),
-        ("numpy add", lambda: np.add(x, y, out=out), (), 12 * n),
-        ("jax triad x+2y, fresh output", _triad, (xd, yd), 12 * n),
-        ("jax triad x+2y, in place", _TriadInPlace(xd, yd), (), 12 * n),
+    triad_in_place = _TriadInPlace(xd, yd)
+    cases: list[tuple[str, Callable[[], Any], int]] = [
+        ("numpy copy", lambda: np.copyto(out, x), 8 * n),
+        ("numpy add", lambda: np.add(x, y, out=out), 12 * n),
+        ("jax triad x+2y, fresh output", lambda: _triad(xd, yd), 12 * n),
+        ("jax triad x+2y, in place", triad_in_place, 12 * n),
+        *extra,
     ]
-    rows = []
-    for name, fn, args, moved in cases:
-        t = bench.timeit(fn, *args, repeat=repeat, warmup=2, number=1)
-        rows.append({"kernel": name, "bytes": moved, "seconds": t.best,
-                     "bytes_per_s": moved / t.best})
-    return rows
+    number = 1 if nbytes >= 4 * 2**20 else None  # small arrays: enough calls for >= 20 ms a timing
+    numbers = {name: bench.timeit(fn, repeat=1, warmup=2, number=number).number
+               for name, fn, _ in cases}
+    best = {name: math.inf for name, _, _ in cases}
+    for _ in range(repeat):
+        for name, fn, _ in cases:
+            t = bench.timeit(fn, repeat=1, warmup=0, number=numbers[name])
+            best[name] = min(best[name], t.best)
+    return [{"kernel": name, "bytes": moved, "seconds": best[name], "bytes_per_s": moved / best[name]}
+            for name, _, moved in cases]
+
+
+CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"  # index*/level, type, size where Linux exposes it
+CACHE_FALLBACK = {1: 32 * 2**10, 2: 1 * 2**20, 3: 32 * 2**20}  # assumed where sysfs is absent
+
+
+def _size_bytes(text: str) -> int | None:
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    digits = text.rstrip("KMGB")
+    return int(digits) * scale if digits.isdigit() else None
+
+
+def cache_sizes(cache_dir: str = CACHE_DIR) -> tuple[dict[int, int], str]:
+    """Data/unified cache size in bytes per level as seen by one core, and where it came from.
+
+    Read from Linux's sysfs (``index*/level``, ``type``, ``size``); where it is not exposed,
+    :data:`CACHE_FALLBACK` (typical server sizes) is returned and the source says "assumed".
+    """
+    import glob
+    import os
+
+    sizes: dict[int, int] = {}
+    for index in sorted(glob.glob(os.path.join(cache_dir, "index*"))):
+        try:
+            with open(os.path.join(index, "type"), encoding="utf-8") as f:
+                kind = f.read().strip()
+            with open(os.path.join(index, "level"), encoding="utf-8") as f:
+                level = int(f.read())
+            with open(os.path.join(index, "size"), encoding="utf-8") as f:
+                size = _size_bytes(f.read())
+        except (OSError, ValueError):
+            continue
+        if kind != "Instruction" and size:
+            sizes[level] = max(sizes.get(level, 0), size)
+    if 2 in sizes:
+        return sizes, "sysfs"
+    return dict(CACHE_FALLBACK), "assumed (sysfs not exposed)"
+
+
+def cache_working_sets(sizes: dict[int, int], dram_bytes: int) -> list[tuple[str, int]]:
+    """Per-array sizes for :func:`bandwidth` meant to stream from L2, from L3 and from DRAM.
+
+    :func:`bandwidth`'s kernels touch up to three arrays, so the whole working set is three times
+    the per-array size: an eighth of L2 (3/8 of it in use), an eighth of L3 (above L2 when L3 is
+    more than 8/3 the L2), and ``dram_bytes`` (choose it well above L3) for main memory.
+    """
+    if 2 not in sizes or dram_bytes <= 0:
+        raise ValueError("need an L2 size and a positive dram_bytes")
+    levels = [("L2", max(sizes[2] // 8, 4096))]
+    if 3 in sizes and sizes[3] // 8 > sizes[2] // 2:
+        levels.append(("L3", sizes[3] // 8))
+    levels.append(("DRAM", int(dram_bytes)))
+    return levels
 
 
 # --------------------------------------------------------------------------- roofline
@@ -695,9 +764,11 @@ SPECS: tuple[Spec, ...] = (
          "the H100's compute with HBM3e memory; bf16 dense (1,979 with sparsity); tf32 dense "
          "(989 with sparsity)",
          "https://www.nvidia.com/en-us/data-center/h200/", peak_tf32=494.5 * T),
-    Spec("NVIDIA B200 (HGX)", "GPU", 2250 * T, 80 * T, 8000 * G, 1000,
-         "bf16 tensor, dense (4.5 PFLOP/s with sparsity), at 1,000 W",
-         "https://www.nvidia.com/en-us/data-center/hgx/"),
+    Spec("NVIDIA B200 (HGX)", "GPU", 2250 * T, 75 * T, 7700 * G, 1000,
+         "per GPU, from the page's 'individual Blackwell GPU' HGX B200 column (the 8-GPU totals are "
+         "listed apart; its GB200 NVL72 column, up to 1,200 W, gives 80 fp32): bf16 tensor dense "
+         "(4.5 PFLOP/s with sparsity), tf32 dense (2.2 with sparsity), up to 1,000 W",
+         "https://www.nvidia.com/en-us/data-center/hgx/", peak_tf32=1100 * T),
     Spec("TPU v4", "TPU", 275 * T, None, 1200 * G, 170,
          "power: measured mean (min/max 90/192 W)",
          "https://cloud.google.com/tpu/docs/v4"),
