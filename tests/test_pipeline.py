@@ -231,6 +231,9 @@ def test_transform_scaling_rejects_bad_options(store):
         pl.transform_scaling(_source(store), _aug(), 2, 1, "thread", "compress")
     with pytest.raises(ValueError, match="exactly 1"):
         pl.transform_scaling(_source(store), _aug(), 2, 2, "sequential")
+    with pytest.raises(ValueError, match="repeats"):
+        pl.transform_scaling(_source(store), _aug(), 2, 1, "sequential", repeats=0)
+    assert pl.transform_scaling(_source(store), _aug(), 2, 2, "thread", repeats=3) > 0
 
 
 def test_slow_reads_give_the_same_batches_after_the_wait(store):
@@ -284,11 +287,20 @@ def test_bound_with_cores_and_waits():
 
 
 def test_step_fraction_separates_thread_and_workers():
-    # the chapter's contrast: one thread is producer-bound, two workers are step-bound
-    assert 0.5 < pl.STEP_FRACTION < 1.0
+    # the chapter's contrast: the step is as long as the workers' time per batch, so they are
+    # step-bound, and one thread (slower than the workers) is producer-bound
+    assert 0.9 <= pl.STEP_FRACTION <= 1.0
     stages = {"extract": 0.1, "transform": 0.9, "load": 0.05}
-    step = pl.STEP_FRACTION
+    step = pl.STEP_FRACTION * 0.5  # two workers deliver a batch every 0.5
     assert pl.bound_seconds(stages, step, 0) == 1.0 > step == pl.bound_seconds(stages, step, 2)
+
+
+def test_calibrate_step_from_the_pipeline(store):
+    source = pl.HDF5Batches(store, batch_size=8, shuffle=False)  # enough batches for the start-up skip
+    cal = pl.calibrate_step(source, _aug(), lambda x: x, workers=2, batches=4, repeats=1)
+    assert set(cal) == {"thread", "workers", "step"} and cal["thread"] > 0 and cal["workers"] > 0
+    assert cal["step"] == pl.STEP_FRACTION * cal["workers"]
+    assert pl.producer_seconds(source, _aug(), lambda x: x, 0, batches=3, repeats=1) > 0
 
 
 def test_workers_sweep_rows(store):

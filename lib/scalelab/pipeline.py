@@ -125,8 +125,9 @@ def plot_timeline(timeline: Timeline, title: str, info=None, ax=None):
     ax.set_xlabel("time (ms)")
     ax.set_title(title, fontsize=10, loc="left")
     handles = [plot.plt.Rectangle((0, 0), 1, 1, color=c) for c in STAGE_COLORS.values()]
-    ax.legend(handles, list(STAGE_COLORS), loc="lower right", bbox_to_anchor=(1.0, 1.0),
-              ncols=4, fontsize=7)
+    # beside the axes, not above them: a long panel title would otherwise run under it
+    ax.legend(handles, list(STAGE_COLORS), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              fontsize=7, frameon=False)
     if fig is not None:
         plot.label(fig, info)
     return fig or ax.figure
@@ -416,7 +417,7 @@ SCALING_KINDS = ("sequential", "thread", "process")
 
 
 def transform_scaling(source, augment: Augment, batches: int, workers: int, kind: str,
-                      task: str = "augment") -> float:
+                      task: str = "augment", repeats: int = 1) -> float:
     """Seconds per batch of ``task`` done by ``kind``: "sequential" (a plain loop in one
     thread: the common baseline, ``workers`` must be 1), or a pool of ``workers`` threads or
     processes.
@@ -425,7 +426,8 @@ def transform_scaling(source, augment: Augment, batches: int, workers: int, kind
     the images), "row reads" (read the batch's rows one by one: many small h5py calls) or
     "batch reads" (one read per batch: with :class:`SlowReads`, mostly waiting). Pool
     start-up is excluded, and NumPy's BLAS is limited to one thread everywhere, so the
-    parallelism measured is the pool's."""
+    parallelism measured is the pool's. With ``repeats`` > 1 the timed part runs that many
+    times (in the same pool) and the median is returned: a short task is easily disturbed."""
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
@@ -434,6 +436,8 @@ def transform_scaling(source, augment: Augment, batches: int, workers: int, kind
         raise ValueError(f"kind must be one of {SCALING_KINDS}, got {kind!r}")
     if task not in SCALING_TASKS:
         raise ValueError(f"task must be one of {sorted(SCALING_TASKS)}, got {task!r}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if workers < 1 or (kind == "sequential" and workers != 1):
         raise ValueError(f"need workers >= 1 (exactly 1 for 'sequential'), got {workers}")
     fn = SCALING_TASKS[task]
@@ -442,10 +446,13 @@ def transform_scaling(source, augment: Augment, batches: int, workers: int, kind
 
         def loop() -> float:
             fn(ids[0])  # first file open
-            start = time.perf_counter()
-            for b in ids:
-                fn(b)
-            return (time.perf_counter() - start) / len(ids)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for b in ids:
+                    fn(b)
+                times.append((time.perf_counter() - start) / len(ids))
+            return float(np.median(times))
 
         _init_worker(source, augment, limit_threads=False)
         with threadpool_limits(1):
@@ -463,9 +470,12 @@ def transform_scaling(source, augment: Augment, batches: int, workers: int, kind
         # hand each process several batches per message, so the pool's per-task overhead
         # does not swamp a short task (threads ignore chunksize)
         chunk = max(1, len(ids) // (2 * workers))
-        start = time.perf_counter()
-        list(pool.map(fn, ids, chunksize=chunk))
-        return (time.perf_counter() - start) / len(ids)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(fn, ids, chunksize=chunk))
+            times.append((time.perf_counter() - start) / len(ids))
+        return float(np.median(times))
 
 
 # --------------------------------------------------------------------------- load
@@ -925,11 +935,35 @@ def bound_seconds(stages: dict[str, float], compute_s: float, workers: int,
 
 # Chapter 13 watches the host while a pipeline feeds a step as long as extract + transform.
 COMPUTE_FRACTION = 1.0
-# Chapter 04's emulated accelerator step lasts this fraction of one batch's extract +
-# transform on one core. Between 1/2 (what 2 worker processes need per batch) and 1 (what
-# one producer thread needs), with room for overheads on both sides: one producer thread is
-# then transform-bound (the step waits) and 2 workers are accelerator-bound (it never does).
-STEP_FRACTION = 0.7
+# Chapter 04's emulated accelerator step lasts this fraction of the time per batch that
+# the worker processes deliver, measured inside the pipeline with no step
+# (:func:`calibrate_step`): the accelerator is as fast as the workers can feed it, so they
+# are accelerator-bound, and one producer thread, slower by the workers' speed-up, is not.
+STEP_FRACTION = 1.0
+
+
+def producer_seconds(source, augment: Augment, load, workers: int, batches: int = 24,
+                     repeats: int = 2, prefetch: int = 4) -> float:
+    """Seconds per batch that :class:`Pipeline` with ``workers`` (0 = one producer thread)
+    delivers to a step that takes no time: its producer's cost measured the way the pipeline
+    runs it (threads, processes, hand-over and loads included), after :func:`steady_skip`
+    start-up batches; the best of ``repeats`` runs, the least-disturbed estimate."""
+    skip = steady_skip(workers, prefetch)
+    return min(pipeline_seconds(source, augment, load, emulated_step(0.0), workers, skip + batches,
+                                skip, prefetch)[0] for _ in range(repeats))
+
+
+def calibrate_step(source, augment: Augment, load, workers: int, batches: int = 24,
+                   repeats: int = 2) -> dict[str, float]:
+    """The producers' costs in the pipeline and the emulated step chosen from them.
+
+    Returns ``thread`` and ``workers`` (seconds per batch with no step, see
+    :func:`producer_seconds`) and ``step`` = :data:`STEP_FRACTION` x ``workers``. The
+    prediction: one thread is producer-bound, the accelerator busy step / thread of the time;
+    the workers are accelerator-bound; their speed-up over the thread is thread / step."""
+    thread = producer_seconds(source, augment, load, 0, batches, repeats)
+    procs = producer_seconds(source, augment, load, workers, batches, repeats)
+    return {"thread": thread, "workers": procs, "step": STEP_FRACTION * procs}
 
 
 def pipeline_seconds(source, augment: Augment, load, step, workers: int, batches: int,
@@ -967,7 +1001,8 @@ def bench_pipeline(quick: bool = False, folder=None) -> dict[str, Any]:
         path = make_patch_store(Path(tmp) / "patches.h5", rows)
         source = HDF5Batches(path, batch, shuffle=False)
         stages = stage_seconds(source, augment, load, thread=True)
-        compute_s = STEP_FRACTION * (stages["extract"] + stages["transform"])
+        calib = calibrate_step(source, augment, load, workers)
+        compute_s = calib["step"]
         step = emulated_step(compute_s)
         n = len(source)
         seq = run_sequential(source, augment, load, step, n) / n
@@ -990,6 +1025,7 @@ def bench_pipeline(quick: bool = False, folder=None) -> dict[str, Any]:
         "rows": rows, "batch_size": batch, "batches": n, "workers": workers,
         "stage_s_per_batch": {**stages, "compute": compute_measured},
         "step_fraction": STEP_FRACTION,
+        "producer_in_pipeline_s_per_batch": {"thread": calib["thread"], "workers": calib["workers"]},
         "emulated_compute_s_per_batch": compute_s,
         "sequential_s_per_batch": seq,
         "thread_s_per_batch": thread_s, "bound_thread_s_per_batch": bound_thread,
@@ -1001,8 +1037,8 @@ def bench_pipeline(quick: bool = False, folder=None) -> dict[str, Any]:
         "read_latency_s": READ_LATENCY_S,
         "read_s_per_batch_by_readers": by_readers,
         "read_speedup_8_readers": by_readers[1] / by_readers[8],
-        "note": (f"compute is an emulated accelerator step (sleep) of {STEP_FRACTION} x (extract + transform "
-                 f"on one core); reads of the latency-injected source wait {READ_LATENCY_S * 1e3:g} ms each "
+        "note": (f"compute is an emulated accelerator step (sleep) of {STEP_FRACTION:g} x the time per batch "
+                 f"{workers} worker processes deliver in the pipeline with no step; reads of the latency-injected source wait {READ_LATENCY_S * 1e3:g} ms each "
                  "(a modelled remote store)"),
     }
 
@@ -1022,6 +1058,7 @@ __all__ = [
     "augment_jax",
     "bench_pipeline",
     "bound_seconds",
+    "calibrate_step",
     "consume",
     "device_prefetch",
     "emulated_step",
@@ -1033,6 +1070,7 @@ __all__ = [
     "parallel_reads",
     "pipeline_seconds",
     "plot_timeline",
+    "producer_seconds",
     "read_scaling",
     "resize_weights",
     "run_sequential",
