@@ -55,8 +55,12 @@ def test_notebook_template(path):
     assert "env.setup(" in first_code
     assert f"git+{env.repository_url()}" in first_code  # the Colab install uses pyproject's URL
     md = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown").lower()
-    for heading in ("takeaways", "exercises", "references", "<details>"):
+    for heading in ("takeaways", "exercises", "references"):
         assert heading in md, f"{path.name}: no {heading}"
+    # exercise solutions are collapsed: measured code in a hidden-source cell, or a <details> block
+    hidden_code = any(c["cell_type"] == "code" and c.get("metadata", {}).get("jupyter", {}).get("source_hidden")
+                      for c in cells)
+    assert hidden_code or "<details>" in md, f"{path.name}: no collapsed solutions"
 
 
 def _readme_runtimes() -> dict[str, tuple[str, str]]:
