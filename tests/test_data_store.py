@@ -122,3 +122,67 @@ def test_photo_patches():
     np.testing.assert_array_equal(p, data.photo_patches(5, 16, seed=3))
     with pytest.raises(ValueError, match="size must be"):
         data.photo_patches(1, 1000)
+
+
+def test_measure_layout_tuned_cache_is_a_second_epoch(tmp_path):
+    x = data.photo_patches(64, 8)
+    res = data.measure_layout(x, data.Layout(8, "gzip"), tmp_path, random_reads=20, block=8,
+                              tuned_cache_bytes=1 << 20)
+    # the first (cache-filling) epoch and the timed second epoch are reported separately
+    assert res["random_read_tuned_epoch1_samples_per_s"] > 0
+    assert res["random_read_tuned_samples_per_s"] > 0
+    assert "random_read_tuned_samples_per_s" not in data.measure_layout(x, data.Layout(), tmp_path,
+                                                                        random_reads=4, block=8,
+                                                                        tuned_cache_bytes=1 << 20)
+
+
+def test_write_shards_split_the_rows(tmp_path):
+    x = data.photo_patches(10, 4)
+    paths = data.write_shards(tmp_path, x, 3, data.Layout(2, "lzf"))
+    parts = []
+    for p in paths:
+        with data.Store(p) as store:
+            parts.append(store.read(0, len(store))["x"])
+    assert [len(p) for p in parts] == [3, 3, 4]
+    np.testing.assert_array_equal(np.concatenate(parts), x)
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_parallel_read_covers_every_row_once(tmp_path, mode):
+    x = data.photo_patches(37, 4)
+    expected = int(x.sum(dtype=np.uint64))
+    shared = data.write_store(tmp_path / "s.h5", {"x": x}, "p", layout=data.Layout(5, "gzip"))
+    res = data.parallel_read([shared], 3, batch=4, epochs=2, mode=mode)
+    assert res["rows"] == 2 * 37 and res["byte_sum"] == 2 * expected
+    assert res["readers"] == 3 and res["files"] == 1 and len(res["reader_seconds"]) == 3
+    assert res["samples_per_s"] == pytest.approx(res["rows"] / res["seconds"])
+    shards = data.write_shards(tmp_path, x, 2, data.Layout(5))
+    res = data.parallel_read(shards, 2, batch=4, mode=mode)
+    assert res["rows"] == 37 and res["byte_sum"] == expected and res["files"] == 2
+
+
+def test_parallel_read_errors(tmp_path):
+    x = data.photo_patches(8, 4)
+    shared = data.write_store(tmp_path / "s.h5", {"x": x}, "p")
+    with pytest.raises(ValueError, match="one file per reader"):
+        data.parallel_read([shared, shared], 3)
+    with pytest.raises(ValueError, match="readers"):
+        data.parallel_read([shared], 0)
+    with pytest.raises(ValueError, match="mode"):
+        data.parallel_read([shared], 1, mode="fibres")
+    foreign = tmp_path / "foreign.h5"  # no dataset "x": the readers fail and say so
+    with h5py.File(foreign, "w") as f:
+        f["y"] = np.zeros(3)
+    with pytest.raises(KeyError):
+        data.parallel_read([foreign], 1)
+
+
+def test_parallel_read_benchmark_rows(tmp_path):
+    res = data.parallel_read_benchmark(24, readers=(1, 2), layout=data.Layout(4, "lzf"), batch=4,
+                                       size=4, folder=tmp_path)
+    assert [r["readers"] for r in res["shared"]] == [1, 2] == res["readers"]
+    assert len(res["per_reader_files"]) == len(res["threads"]) == 2
+    table = data.parallel_table(res)
+    assert table[0]["shared file vs 1 reader"] == 1.0 and len(table) == 2
+    assert "1, 2 readers" in data.plot_parallel(res).get_supxlabel()
+    assert list(tmp_path.iterdir()) == []

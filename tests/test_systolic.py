@@ -213,6 +213,12 @@ def test_figures_and_widget():
     slider.value = 3  # redraws without error
     with pytest.raises(ValueError, match="at least one cycle"):
         systolic.plot_trace(tr, cycles=[])
+    fake = {"pe_cycles_per_s": 3e8, "same_case": [
+        {"side": s, "loop_pe_cycles_per_s": 5e6, "vectorised_pe_cycles_per_s": 5e6 * s,
+         "speedup": float(s)} for s in (4, 8)]}
+    fig = systolic.plot_simulator_speed(fake)
+    assert "1 x cpu device" in fig.get_supxlabel()  # the simulator ran in one host process
+    assert "1 x cpu device" in systolic.plot_trace(tr).get_supxlabel()
 
 
 def test_bench_systolic_quick():
@@ -223,3 +229,18 @@ def test_bench_systolic_quick():
         assert result[key] > 0, key
     assert result["output_matches"] is True and result["reference_matches"] is True
     assert result["cycles_128x128_ws_512"] == systolic.cycle_count(512, 512, 512, 128, 128, "ws")
+    assert result["pe_cycles_128x128_ws_512"] == result["cycles_128x128_ws_512"] * 128 * 128
+    # the speed-up is measured on one case for both simulators: the largest of the sweep
+    sides = [r["side"] for r in result["same_case"]]
+    assert sides == sorted(sides) and len(sides) >= 2
+    assert result["speedup_vs_loop"] == result["same_case"][-1]["speedup"]
+
+
+def test_same_case_speedup_times_one_case():
+    row = systolic.same_case_speedup(4, repeat=1)
+    # four folds of (M + 2R + C - 2) cycles on 4 x 4 PEs, for the loop and the vectorised simulator
+    assert row["pe_cycles"] == systolic.cycle_count(8, 8, 8, 4, 4, "ws") * 16 == 4 * (8 + 12 - 2) * 16
+    assert row["matches"] is True and row["gemm"] == "8x8x8" and row["array"] == "4x4 WS"
+    assert row["speedup"] == pytest.approx(row["loop_s"] / row["vectorised_s"])
+    with pytest.raises(ValueError):
+        systolic.same_case_speedup(0)

@@ -92,7 +92,8 @@ register(
 register(
     "model_parallel",
     "scalelab.parallel.model_parallel:bench_model_parallel",
-    "Chapter 08: DP / FSDP / tensor / pipeline parallelism: equality, bytes per device, step time, bubble",
+    "Chapter 08: DP / ZeRO-1-2 / FSDP / tensor / pipeline parallelism: equality, bytes per device, "
+    "step time, GPipe bubble in time, GPipe vs 1F1B activation bytes",
 )
 register(
     "hpo",

@@ -448,9 +448,12 @@ def measure_layout(x: np.ndarray, layout: Layout | str, folder, name: str = "dat
     """Write ``x`` with ``layout`` and time the access patterns a training job uses.
 
     - write: bytes of raw data per second (file created, written, renamed into place);
-    - sequential read: every row, in contiguous batches of ``batch``;
-    - random read: ``random_reads`` single rows at random indices (default chunk cache,
-      and again with ``tuned_cache_bytes`` of chunk cache when given);
+    - sequential read: every row, in contiguous batches of ``batch`` (best of three passes);
+    - random read: ``random_reads`` single rows at random indices (default chunk cache);
+    - with ``tuned_cache_bytes`` of chunk cache (chunked layouts only): a shuffled first
+      epoch over every row (``random_read_tuned_epoch1_samples_per_s``, the cache filling),
+      then ``random_reads`` rows of a *fresh* permutation (``random_read_tuned_samples_per_s``,
+      a second epoch: the cache was not warmed on the indices it is timed on);
     - random block read: contiguous blocks of ``block`` rows at random offsets.
 
     The file was just written, so it is in the operating system's page cache: these are
@@ -468,10 +471,13 @@ def measure_layout(x: np.ndarray, layout: Layout | str, folder, name: str = "dat
                              "write_bytes_per_s": x.nbytes / write_s}
     reader = _open_layout(path, layout)
     try:
-        start = time.perf_counter()
-        for lo in range(0, n, batch):
-            reader.read(lo, min(lo + batch, n))
-        out["seq_read_samples_per_s"] = n / (time.perf_counter() - start)
+        seq_s = []
+        for _ in range(3):  # best of three passes: one pass of a fast layout is short and noisy
+            start = time.perf_counter()
+            for lo in range(0, n, batch):
+                reader.read(lo, min(lo + batch, n))
+            seq_s.append(time.perf_counter() - start)
+        out["seq_read_samples_per_s"] = n / min(seq_s)
         idx = rng.integers(0, n, random_reads)
         start = time.perf_counter()
         for i in idx:
@@ -487,16 +493,236 @@ def measure_layout(x: np.ndarray, layout: Layout | str, folder, name: str = "dat
     if tuned_cache_bytes and isinstance(layout, Layout) and layout.chunk_rows:
         reader = _open_layout(path, layout, cache_bytes=tuned_cache_bytes)
         try:
-            for i in idx[: random_reads // 2]:  # warm the chunk cache, as an epoch would
-                reader.row(int(i), "x")
+            # epoch 1: every row once, in a shuffled order; the cache fills as chunks are touched
             start = time.perf_counter()
-            for i in idx:
+            for i in rng.permutation(n):
                 reader.row(int(i), "x")
-            out["random_read_tuned_samples_per_s"] = random_reads / (time.perf_counter() - start)
+            out["random_read_tuned_epoch1_samples_per_s"] = n / (time.perf_counter() - start)
+            # epoch 2: a fresh permutation (not the indices that warmed the cache)
+            idx2 = rng.permutation(n)[:random_reads]
+            start = time.perf_counter()
+            for i in idx2:
+                reader.row(int(i), "x")
+            out["random_read_tuned_samples_per_s"] = len(idx2) / (time.perf_counter() - start)
         finally:
             reader.close()
     path.unlink()
     return out
+
+
+# --------------------------------------------------------------------------- parallel readers
+
+READERS = (1, 2, 4)  # reader counts of the parallel-read measurement
+PARALLEL_TIMEOUT_S = 120.0  # a reader that has not reported by then is killed
+
+
+def _host() -> list:
+    """The device host-side work (NumPy, h5py) runs on, for figure footers."""
+    import jax
+
+    return jax.devices("cpu")[:1]
+
+
+def _read_slice(path: str, start: int, stop: int, batch: int, epochs: int, barrier, results,
+                rank: int) -> None:
+    """One reader: open the file, wait for the others, read rows ``start:stop`` in batches.
+
+    Runs in a worker process (or thread); reports ``(rank, t0, t1, rows, checksum)`` where
+    ``t0``/``t1`` are ``time.perf_counter()`` values (CLOCK_MONOTONIC: comparable across
+    processes on one machine) and ``checksum`` the sum of every byte read (so the reads cannot
+    be skipped, and the parent can check that the readers covered the data exactly once).
+    """
+    import time
+
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f["x"]  # the dataset handle, looked up once
+            barrier.wait()
+            t0 = time.perf_counter()
+            total = 0
+            for _ in range(epochs):
+                for lo in range(start, stop, batch):
+                    total += int(ds[lo:min(lo + batch, stop)].sum(dtype=np.uint64))
+            t1 = time.perf_counter()
+        results.put((rank, t0, t1, (stop - start) * epochs, total))
+    except BaseException as exc:  # report instead of hanging the parent
+        try:
+            barrier.abort()
+        finally:
+            results.put((rank, None, None, 0, repr(exc)))
+
+
+def parallel_read(paths, readers: int, batch: int = 64, epochs: int = 1,
+                  mode: str = "processes", timeout_s: float = PARALLEL_TIMEOUT_S) -> dict:
+    """Aggregate read throughput of ``readers`` concurrent readers of HDF5 dataset ``x``.
+
+    ``paths`` is one file (``[shared]``: reader ``r`` reads the ``r``-th contiguous slice of
+    its rows, a disjoint shard) or one file per reader (reader ``r`` reads all of
+    ``paths[r]``). ``mode`` is ``"processes"`` (spawned worker processes, each with its own
+    h5py) or ``"threads"`` (threads of this process, which h5py serialises behind one lock).
+    Readers open their file first and start together at a barrier; the time is from the
+    first start to the last finish, so process start-up is not counted.
+    """
+    import multiprocessing as mp
+    import queue
+    import threading
+    import time
+
+    paths = [str(p) for p in ([paths] if isinstance(paths, str | Path) else paths)]
+    if isinstance(readers, bool) or not isinstance(readers, int) or readers < 1:
+        raise ValueError(f"readers must be a positive integer, got {readers!r}")
+    if len(paths) not in (1, readers):
+        raise ValueError(f"give one shared file or one file per reader ({readers}), got {len(paths)}")
+    if mode not in ("processes", "threads"):
+        raise ValueError(f"mode must be 'processes' or 'threads', got {mode!r}")
+    import h5py
+
+    sizes = []
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            sizes.append(len(f["x"]))
+    if len(paths) == 1:
+        bounds = np.linspace(0, sizes[0], readers + 1).astype(int)
+        jobs = [(paths[0], int(bounds[r]), int(bounds[r + 1])) for r in range(readers)]
+    else:
+        jobs = [(paths[r], 0, sizes[r]) for r in range(readers)]
+    if mode == "processes":
+        ctx = mp.get_context("spawn")  # never fork a process that runs JAX threads
+        barrier, results = ctx.Barrier(readers), ctx.Queue()
+        workers = [ctx.Process(target=_read_slice, args=(*job, batch, epochs, barrier, results, r),
+                               daemon=True) for r, job in enumerate(jobs)]
+    else:
+        barrier, results = threading.Barrier(readers), queue.Queue()
+        workers = [threading.Thread(target=_read_slice, args=(*job, batch, epochs, barrier, results, r),
+                                    daemon=True) for r, job in enumerate(jobs)]
+    for w in workers:
+        w.start()
+    reports = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(reports) < readers:
+            try:
+                reports.append(results.get(timeout=0.2))
+            except queue.Empty:
+                dead = [w for w in workers if mode == "processes" and w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a reader process exited with code {dead[0].exitcode} "
+                                       "before reporting") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{readers} readers did not finish within {timeout_s} s") from None
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+            if mode == "processes" and w.is_alive():
+                w.kill()
+                w.join()
+    failed = [r for r in reports if r[1] is None]
+    if failed:
+        raise RuntimeError(f"a reader failed: {failed[0][4]}")
+    t0, t1 = min(r[1] for r in reports), max(r[2] for r in reports)
+    rows = sum(r[3] for r in reports)
+    return {"readers": readers, "mode": mode, "files": len(paths), "rows": rows,
+            "seconds": t1 - t0, "samples_per_s": rows / (t1 - t0),
+            "reader_seconds": [r[2] - r[1] for r in sorted(reports)],
+            "byte_sum": sum(r[4] for r in reports)}
+
+
+def write_shards(folder, x: np.ndarray, shards: int, layout: Layout, name: str = "shard") -> list[Path]:
+    """``x`` split into ``shards`` contiguous parts, one store per part (``name-i-of-n.h5``)."""
+    bounds = np.linspace(0, len(x), shards + 1).astype(int)
+    return [write_store(Path(folder) / f"{name}-{i}-of-{shards}.h5", {"x": x[bounds[i]:bounds[i + 1]]},
+                        provenance=f"shard {i} of {shards}", layout=layout, checksum=False)
+            for i in range(shards)]
+
+
+def parallel_read_benchmark(rows: int, readers=READERS, layout: Layout | None = None,
+                            epochs: int = 1, batch: int = 64, threads: bool = True,
+                            folder=None, size: int = 64) -> dict:
+    """Throughput of 1, 2, 4 ... readers on ``rows`` photo patches stored with ``layout``.
+
+    Three ways to read the same rows: processes reading disjoint slices of **one shared**
+    chunked file, processes reading **one file per reader** (shards), and (``threads``)
+    threads of one process reading slices of the shared file. Every configuration reads
+    every row ``epochs`` times; ``byte_sum`` checks that.
+    """
+    import os
+    import tempfile
+
+    layout = layout or Layout(64, "gzip", 4)
+    x = photo_patches(rows, size)
+    expected = int(x.sum(dtype=np.uint64)) * epochs
+    out: dict = {"rows": rows, "row_bytes": int(x[0].nbytes), "epochs": epochs, "batch": batch,
+                 "layout": dataclasses.asdict(layout), "cpu_count": os.cpu_count(),
+                 "readers": list(readers), "shared": [], "per_reader_files": [], "threads": []}
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        shared = write_store(Path(tmp) / "shared.h5", {"x": x}, provenance="parallel read benchmark",
+                             layout=layout, checksum=False)
+        parallel_read([shared], 1, batch=batch, epochs=1, mode="threads")  # warm the page cache
+        for n in readers:
+            out["shared"].append(parallel_read([shared], n, batch=batch, epochs=epochs))
+            shards = write_shards(tmp, x, n, layout)
+            out["per_reader_files"].append(parallel_read(shards, n, batch=batch, epochs=epochs))
+            if threads:
+                out["threads"].append(parallel_read([shared], n, batch=batch, epochs=epochs,
+                                                    mode="threads"))
+            for s in shards:
+                s.unlink()
+    for kind in ("shared", "per_reader_files", "threads"):
+        for r in out[kind]:
+            if r["byte_sum"] != expected:
+                raise RuntimeError(f"{kind} readers read {r['byte_sum']}, expected {expected}: "
+                                   "rows were skipped or read twice")
+    return out
+
+
+def parallel_table(result: dict) -> list[dict[str, object]]:
+    """One row per reader count: samples/s of each configuration and the speed-up over one reader."""
+    rows = []
+    base = result["shared"][0]["samples_per_s"]
+    for i, n in enumerate(result["readers"]):
+        row: dict[str, object] = {"readers": n}
+        for kind, label in (("shared", "one shared file"), ("per_reader_files", "one file per reader"),
+                            ("threads", "threads, shared file")):
+            if result[kind]:
+                row[f"{label} (samples/s)"] = result[kind][i]["samples_per_s"]
+        row["shared file vs 1 reader"] = result["shared"][i]["samples_per_s"] / base
+        rows.append(row)
+    return rows
+
+
+def plot_parallel(result: dict, info=None):
+    """Aggregate samples/s against the number of readers, for each way of reading."""
+    from scalelab import plot
+
+    fig, ax = plot.figure(width=6.4, height=3.8)
+    n = result["readers"]
+    for kind, label, marker in (("shared", "processes, one shared file", "o-"),
+                                ("per_reader_files", "processes, one file per reader", "s--"),
+                                ("threads", "threads of one process, shared file", "^:")):
+        if result[kind]:
+            ax.plot(n, [r["samples_per_s"] for r in result[kind]], marker, label=label)
+    one = result["shared"][0]["samples_per_s"]
+    cores = result["cpu_count"] or 1
+    ax.plot(n, [one * min(k, cores) for k in n], color="0.6", linewidth=0.8,
+            label=f"ideal on {cores} cores (1 reader x min(readers, cores))")
+    ax.set(xlabel="readers", ylabel="samples per second (all readers)", xticks=n,
+           title=f"{result['rows']:,} rows, {_layout_name(result['layout'])}: readers of disjoint slices")
+    ax.set_ylim(0, None)
+    ax.legend(fontsize=8, loc="lower right")
+    plot.label(fig, info, source=f"measured with {', '.join(map(str, n))} readers (host CPU, {cores} cores)",
+               devices=_host())
+    return fig
+
+
+def _layout_name(layout: dict) -> str:
+    if layout.get("chunk_rows") is None:
+        return "contiguous"
+    comp = layout.get("compression")
+    level = layout.get("level")
+    comp = f"{comp}-{level}" if comp == "gzip" and level is not None else comp
+    return f"{comp + ', ' if comp else ''}chunks of {layout['chunk_rows']} rows"
 
 
 def storage_benchmark(rows: int, size: int = 64, random_reads: int = 1000,
@@ -515,14 +741,18 @@ def storage_benchmark(rows: int, size: int = 64, random_reads: int = 1000,
 
 
 def bench_storage(quick: bool = False) -> dict[str, object]:
-    """Benchmark ``storage``: HDF5 layouts and a .npy memory map on the same photo patches."""
+    """Benchmark ``storage``: HDF5 layouts and a .npy memory map on the same photo patches, and
+    1, 2, 4 reader processes on disjoint slices of one gzip file vs one file per reader
+    (:func:`parallel_read_benchmark`)."""
     rows = 1024 if quick else 8192
     layouts = storage_benchmark(rows, random_reads=500 if quick else 2000)
+    parallel = parallel_read_benchmark(1024 if quick else 4096, epochs=2)
     return {
         "rows": rows,
         "row_bytes": 64 * 64 * 3,
         "raw_bytes": rows * 64 * 64 * 3,
         "layouts": layouts,
+        "parallel": parallel,
         "note": "files were in the OS page cache: format and decoding costs, not disk speed",
     }
 
@@ -532,7 +762,8 @@ STORAGE_METRICS = (
     ("seq_read_samples_per_s", "sequential read (samples/s)", 1.0),
     ("random_block_read_samples_per_s", "random 64-row blocks (samples/s)", 1.0),
     ("random_read_samples_per_s", "random single rows (samples/s)", 1.0),
-    ("random_read_tuned_samples_per_s", "random rows, big chunk cache (samples/s)", 1.0),
+    ("random_read_tuned_epoch1_samples_per_s", "random rows, big cache, epoch 1 (samples/s)", 1.0),
+    ("random_read_tuned_samples_per_s", "random rows, big cache, epoch 2 (samples/s)", 1.0),
 )
 
 
@@ -555,7 +786,8 @@ def plot_storage(result: dict[str, object], info=None):
     from scalelab import plot
 
     names = list(result["layouts"])
-    fig, axes = plot.figure(ncols=len(STORAGE_METRICS), width=15, height=3.6, sharey=True)
+    fig, grid = plot.figure(ncols=3, nrows=2, width=13, height=5.6, sharey=True)
+    axes = grid.flat
     for ax, (key, label, scale) in zip(axes, STORAGE_METRICS, strict=True):
         vals = [result["layouts"][n].get(key, np.nan) * scale for n in names]
         # dots, not bars: a bar's length on a log axis depends on an arbitrary baseline
@@ -565,6 +797,6 @@ def plot_storage(result: dict[str, object], info=None):
         finite = [v for v in vals if np.isfinite(v)]
         ax.set_xlim(min(finite) / 3, max(finite) * 3)
         ax.set_title(label, fontsize=9)
-    axes[0].invert_yaxis()  # first layout on top (the y axis is shared)
-    plot.label(fig, info)
+    grid[0, 0].invert_yaxis()  # first layout on top (the y axis is shared)
+    plot.label(fig, info, devices=_host())
     return fig

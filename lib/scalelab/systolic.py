@@ -748,6 +748,14 @@ def _rect(x: float, y: float, size: float, colour: str) -> Any:
     return Rectangle((x, y), size, size, facecolor=colour, edgecolor="0.6", linewidth=0.6)
 
 
+def _host() -> list[Any]:
+    """The device the simulator runs on, for figure footers: NumPy in one host process, i.e.
+    one CPU device, whatever accelerator the runtime has."""
+    import jax
+
+    return jax.devices("cpu")[:1]
+
+
 def plot_trace(trace: Trace, cycles: Sequence[int] | None = None, ncols: int = 5,
                info: env.EnvInfo | None = None) -> Any:
     """Static multi-panel figure of recorded cycles (all of them, up to 20, by default)."""
@@ -767,7 +775,7 @@ def plot_trace(trace: Trace, cycles: Sequence[int] | None = None, ncols: int = 5
         f"{DATAFLOW_NAMES[trace.dataflow]} {trace.rows}x{trace.cols} array: {_FLOW[trace.dataflow]}"
         "\neach PE shows a×b in its registers and Σ its partial sum; orange: MAC this cycle, "
         "blue: holds an operand", fontsize=9)
-    plot.label(fig, info, source="simulated")
+    plot.label(fig, info, source="simulated", devices=_host())
     return fig
 
 
@@ -829,19 +837,81 @@ def plot_utilization(arrays: Sequence[int] = (8, 128, 256), dataflow: str = "ws"
     left.legend(title="array", loc="upper left")
     right.legend(title="array", loc="upper left")
     plot.label(fig, info, source="closed-form model (circles: simulated)" if simulated
-               else "closed-form model")
+               else "closed-form model", devices=_host())
+    return fig
+
+
+def plot_simulator_speed(result: dict[str, Any], info: env.EnvInfo | None = None) -> Any:
+    """PE-cycles per second of the per-PE loop and the vectorised simulator on the same cases
+    (``result["same_case"]`` of :func:`bench_systolic`), against the array's side; the star is
+    the vectorised headline case (128x128 array, 512^3 GEMM)."""
+    from matplotlib.ticker import NullFormatter
+
+    rows = result["same_case"]
+    sides = [r["side"] for r in rows]
+    fig, (left, right) = plot.figure(ncols=2, width=9.5, height=3.5)
+    left.plot(sides, [r["loop_pe_cycles_per_s"] for r in rows], "o-", label="per-PE Python loop")
+    left.plot(sides, [r["vectorised_pe_cycles_per_s"] for r in rows], "s-",
+              label="vectorised (NumPy)")
+    left.plot([128], [result["pe_cycles_per_s"]], "*", color="C1", markersize=12,
+              label="vectorised, 128x128 array, 512^3 GEMM")
+    left.set(xscale="log", yscale="log", xlabel="array side (side x side WS, GEMM of 2 x side)",
+             ylabel="PE-cycles per second", title="simulator speed on the same cases")
+    ticks = [*sides, 128]
+    left.set_xticks(ticks, [str(s) for s in ticks])
+    left.legend(loc="upper left", fontsize=8)
+    right.plot(sides, [r["speedup"] for r in rows], "o-", color="C2")
+    right.axhline(1, color="0.5", linewidth=0.8)
+    right.set(xscale="log", yscale="log", xlabel="array side", ylabel="loop time / vectorised time",
+              title="speed-up on the same case")
+    right.set_xticks(sides, [str(s) for s in sides])
+    for ax in (left, right):
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    plot.label(fig, info, devices=_host())
     return fig
 
 
 # --------------------------------------------------------------------------- benchmark
 
 
+SAME_CASE_SIDES = (8, 16, 32, 64)  # array sides of the loop-vs-vectorised comparison (full mode)
+
+
+def same_case_speedup(side: int, seed: int = 0, repeat: int = 3) -> dict[str, Any]:
+    """Time :func:`reference_simulate` and :func:`simulate` on the *same* case.
+
+    The case is a ``side`` x ``side`` weight-stationary array computing a GEMM of twice
+    the side in every dimension (four folds), so both simulators do the same PE-cycles and
+    the ratio of their times is the speed-up of vectorising, nothing else.
+    """
+    side = _check_positive_int("side", side)
+    n = 2 * side
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-8, 8, size=(n, n))
+    b = rng.integers(-8, 8, size=(n, n))
+    ref = reference_simulate(a, b, side, side, "ws")
+    fast = simulate(a, b, side, side, "ws")
+    loop_s = bench.timeit(reference_simulate, a, b, side, side, "ws", repeat=repeat,
+                          number=1, warmup=0).best
+    vec_s = bench.timeit(simulate, a, b, side, side, "ws", repeat=max(repeat, 3)).best
+    pe_cycles = ref.cycles * side * side
+    return {
+        "array": f"{side}x{side} WS", "gemm": f"{n}x{n}x{n}", "side": side,
+        "pe_cycles": pe_cycles, "loop_s": loop_s, "vectorised_s": vec_s,
+        "loop_pe_cycles_per_s": pe_cycles / loop_s, "vectorised_pe_cycles_per_s": pe_cycles / vec_s,
+        "speedup": loop_s / vec_s,
+        "matches": bool(np.array_equal(ref.output, a @ b) and np.array_equal(fast.output, a @ b)
+                        and ref.cycles == fast.cycles and ref.macs == fast.macs),
+    }
+
+
 def bench_systolic(quick: bool = False) -> dict[str, Any]:
     """Benchmark ``systolic``: simulator speed in PE-cycles per second.
 
-    The headline is a 128x128 weight-stationary array computing a 512x512x512 GEMM
-    (measured in both modes). The per-PE Python loop (:func:`reference_simulate`) and
-    the vectorised simulator are also timed on the same small case.
+    The headline is the vectorised simulator on a 128x128 weight-stationary array computing
+    a 512x512x512 GEMM (measured in both modes). The speed-up over the per-PE Python loop
+    (:func:`reference_simulate`) is measured on the same case for both, for arrays of
+    growing side (:func:`same_case_speedup`); ``speedup_vs_loop`` is the largest of them.
     """
     rng = np.random.default_rng(0)
     n, size = 512, 128
@@ -853,29 +923,23 @@ def bench_systolic(quick: bool = False) -> dict[str, Any]:
     expected = a @ b
     matched = bool(np.allclose(res.output, expected, rtol=1e-9, atol=1e-9))
     pe_cycles = res.cycles * size * size
-
-    small_n, small_s = (8, 4) if quick else (16, 8)
-    sa = rng.integers(-8, 8, size=(small_n, small_n))
-    sb = rng.integers(-8, 8, size=(small_n, small_n))
-    ref = reference_simulate(sa, sb, small_s, small_s, "ws")
-    ref_s = bench.timeit(reference_simulate, sa, sb, small_s, small_s, "ws", repeat=3).best
-    vec_small = bench.timeit(simulate, sa, sb, small_s, small_s, "ws", repeat=3).best
-    small_pe_cycles = ref.cycles * small_s * small_s
-    ref_rate = small_pe_cycles / ref_s
-    rate = pe_cycles / seconds
+    sides = SAME_CASE_SIDES[:-1] if quick else SAME_CASE_SIDES
+    same = [same_case_speedup(s, repeat=1 if s >= 32 else 3) for s in sides]
+    top = same[-1]
     return {
         "case": f"{size}x{size} WS array, {n}x{n}x{n} GEMM",
         "seconds_128x128_ws_512": round(seconds, 3),
         "cycles_128x128_ws_512": res.cycles,
+        "pe_cycles_128x128_ws_512": pe_cycles,
         "cycle_count_model": cycle_count(n, n, n, size, size, "ws"),
         "folds_128x128_ws_512": res.folds,
         "utilization_128x128_ws_512": round(res.utilization, 4),
         "output_matches": matched and res.cycles == cycle_count(n, n, n, size, size, "ws"),
         "max_abs_error": float(np.max(np.abs(res.output - expected))),
-        "pe_cycles_per_s": rate,
-        "reference_case": f"{small_s}x{small_s} WS array, {small_n}x{small_n}x{small_n} GEMM",
-        "reference_loop_pe_cycles_per_s": ref_rate,
-        "reference_matches": bool(np.array_equal(ref.output, sa @ sb)),
-        "vectorised_small_case_pe_cycles_per_s": small_pe_cycles / vec_small,
-        "speedup_vs_loop": rate / ref_rate,
+        "pe_cycles_per_s": pe_cycles / seconds,
+        "same_case": same,
+        "reference_case": f"{top['array']} array, {top['gemm']} GEMM",
+        "reference_loop_pe_cycles_per_s": top["loop_pe_cycles_per_s"],
+        "reference_matches": all(r["matches"] for r in same),
+        "speedup_vs_loop": top["speedup"],
     }
