@@ -33,9 +33,16 @@ def test_sharding_divides_parameter_and_adam_bytes(rows):
     for name in ("fsdp", "tp", "pp"):
         assert by[name]["param_bytes"] < full / 2, name
         assert by[name]["opt_state_bytes"] < full, name
-    # the compiled program's arguments are exactly parameters + moments + the batch
+    for name in ("zero1", "zero2"):  # ZeRO-1/2: parameters whole, Adam's moments sharded
+        assert by[name]["param_bytes"] == full and by[name]["opt_state_bytes"] < full, name
+    # the compiled program's arguments are exactly parameters + moments + the local batch
     batch_bytes = 16 * 64 * 4 + 16 * 4
-    assert by["dp"]["argument_bytes"] == by["dp"]["param_bytes"] + by["dp"]["opt_state_bytes"] + batch_bytes // 4
+    for name in ("dp", "zero1", "zero2", "fsdp"):
+        assert by[name]["argument_bytes"] == by[name]["param_bytes"] + by[name]["opt_state_bytes"] + batch_bytes // 4
+    # donated state: the new parameters and moments reuse the old buffers
+    for r in rows:
+        assert r["alias_bytes"] >= r["param_bytes"], r["strategy"]
+        assert r["bytes_per_device"] == r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
 
 
 def test_collectives_and_cost_model(rows):
@@ -43,8 +50,42 @@ def test_collectives_and_cost_model(rows):
     assert set(by["dp"]["collectives"]) == {"all-reduce"}
     assert by["fsdp"]["collectives"]["all-gather"] >= 4 and by["fsdp"]["collectives"]["reduce-scatter"] >= 4
     assert by["pp"]["collectives"]["collective-permute"] >= 2
-    for name in ("dp", "tp", "dp_tp"):  # GSPMD's collectives match the textbook model
+    assert by["zero2"]["collectives"]["reduce-scatter"] >= 4 and by["zero2"]["collectives"]["all-gather"] >= 4
+    for name in ("dp", "tp", "dp_tp", "zero2"):  # the compiled collectives match the textbook model
         assert by[name]["comm_bytes_hlo"] == pytest.approx(by[name]["comm_bytes_model"], rel=1e-3, abs=64), name
+
+
+def test_fsdp_hlo_keeps_gathered_weights_for_the_backward_pass():
+    params = SMALL.init(jax.random.key(0))
+    mesh = parallel.model_mesh(env.devices(4), ("data",))
+    step, place = parallel.fsdp_step(parallel.adam(), mesh, params)
+    args = place(params, None, *parallel.deep_batches(16, 1)[0])
+    reuse = parallel.gathered_weight_reuse(step.lower(*args).compile().as_text())
+    assert reuse["all_gathers"] >= 4 * SMALL.layers
+    assert 0 <= reuse["used_forward_and_backward"] <= reuse["all_gathers"]
+
+
+def test_bytes_per_param_accounting():
+    assert parallel.bytes_per_param(0, 8) == 16 == parallel.bytes_per_param(0, 8, "float32")
+    assert parallel.bytes_per_param(1, 4) == 2 + 2 + 12 / 4
+    assert parallel.bytes_per_param(2, 4) == 2 + 14 / 4
+    assert parallel.bytes_per_param(3, 4) == 16 / 4
+    assert parallel.bytes_per_param(2, 4, "float32") == 4 + 12 / 4
+    with pytest.raises(ValueError, match="stage"):
+        parallel.bytes_per_param(4, 8)
+    with pytest.raises(ValueError, match="precision"):
+        parallel.bytes_per_param(1, 8, "fp8")
+
+
+def test_interconnects_are_one_way_link_figures_with_sources():
+    by = {link["system"].split(",")[0]: link for link in parallel.INTERCONNECTS}
+    assert by["Google TPU v5e"]["bytes_per_s"] == 4.5e10 and by["Google TPU v5p"]["bytes_per_s"] == 9e10
+    assert by["NVIDIA H100 SXM"]["bytes_per_s"] == 900e9 / 2
+    for link in parallel.INTERCONNECTS:
+        assert link["source"].startswith("https://") and parallel.chip_peak(link["chip"]) > 1e14
+    # DP overlaps its all-reduce with compute above b = 2 F / (3 W) examples per device
+    v5e = by["Google TPU v5e"]
+    assert parallel.overlap_batch(v5e) == pytest.approx(2 * 197e12 / (3 * 4.5e10))
 
 
 def test_tensor_parallel_block_equals_unsharded():
@@ -74,15 +115,53 @@ def test_gpipe_schedule_invariants(p, m):
         assert sorted(fwd[fwd >= 0]) == list(range(m)) and sorted(bwd[bwd >= 0]) == list(range(m))
         assert list(np.flatnonzero(fwd >= 0)) == list(range(s, s + m))  # micro-batch j at tick s + j
     assert parallel.bubble_fraction(sched) == pytest.approx(parallel.predicted_bubble(p, m))
+    assert list(parallel.in_flight(*parallel.gpipe_kinds(p, m))) == [m] * p
 
 
-@pytest.mark.parametrize("m", [1, 3, 4])
-def test_executed_pipeline_follows_the_schedule(m):
-    mesh = parallel.model_mesh(env.devices(4), ("stage",))
-    bubble, busy = parallel.executed_bubble(mesh, m, SMALL)
-    ticks = m + 3
-    np.testing.assert_array_equal(busy, parallel.gpipe_schedule(4, m)[:, :ticks] >= 0)
-    assert bubble == pytest.approx(parallel.predicted_bubble(4, m))
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 10), st.integers(1, 20))
+def test_one_f_one_b_schedule_invariants(p, m):
+    kind, micro = parallel.one_f_one_b_schedule(p, m)
+    assert kind.shape == (p, 2 * (m + p - 1))  # the same length, so the same bubble, as GPipe
+    slot = {}
+    for s in range(p):
+        for k in (parallel.FWD, parallel.BWD):
+            assert sorted(micro[s][kind[s] == k]) == list(range(m))  # every micro-batch once each way
+        for t in range(kind.shape[1]):
+            if kind[s, t] != parallel.IDLE:
+                slot[(int(kind[s, t]), s, int(micro[s, t]))] = t
+    for s in range(p):
+        for j in range(m):
+            assert slot[(parallel.BWD, s, j)] > slot[(parallel.FWD, s, j)]
+            if s:
+                assert slot[(parallel.FWD, s, j)] > slot[(parallel.FWD, s - 1, j)]
+                assert slot[(parallel.BWD, s - 1, j)] > slot[(parallel.BWD, s, j)]
+    assert list(parallel.in_flight(kind, micro)) == [min(p - s, m) for s in range(p)]
+
+
+@pytest.mark.parametrize(("n", "m"), [(4, 1), (4, 4), (2, 8), (1, 4)])
+def test_pipeline_gradients_equal_the_unsharded_ones(n, m):
+    params = SMALL.init(jax.random.key(0))
+    x, y = parallel.deep_batches(16, 1)[0]
+    ref_loss, ref = jax.value_and_grad(parallel.deep_loss)(params, x, y)
+    mesh = parallel.model_mesh(env.devices(n), ("stage",))
+    placed = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), parallel.pipeline_specs(params),
+                                                 is_leaf=lambda s: isinstance(s, P)))
+    for fn in (parallel.gpipe_grads(mesh, params, m), parallel.one_f_one_b_grads(mesh, params, m),
+               parallel.scheduled_grads(mesh, params, m, "gpipe")):
+        loss, grads = fn(placed, x, y)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_one_f_one_b_step_equals_the_unsharded_step():
+    params = SMALL.init(jax.random.key(0))
+    tx = parallel.adam()
+    x, y = parallel.deep_batches(16, 1)[0]
+    ref = parallel.unsharded_step(tx)(params, tx.init(params), x, y)[0]
+    step, place = parallel.one_f_one_b_step(tx, parallel.model_mesh(env.devices(4), ("stage",)), params, 4)
+    assert parallel.max_abs_diff(step(*place(params, None, x, y))[0], ref) <= 1e-5
 
 
 def test_meshes_adapt_to_the_device_count():
@@ -116,6 +195,14 @@ def test_bad_input_is_refused():
         parallel.communication_model("zero", SMALL, 8, {"data": 2})
     with pytest.raises(ValueError, match="cannot be split evenly over 3 pipeline stages"):
         parallel.gpipe_step(parallel.adam(), parallel.model_mesh(env.devices(3), ("stage",)), params, 2)
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 pipeline stages"):
+        parallel.one_f_one_b_grads(parallel.model_mesh(env.devices(3), ("stage",)), params, 2)
+    with pytest.raises(ValueError, match="schedule must be"):
+        parallel.scheduled_grads(parallel.model_mesh(env.devices(2), ("stage",)), params, 2, "zb-v")
+    with pytest.raises(ValueError, match="ZeRO stages 1 and 2"):
+        parallel.zero_step(parallel.adam(), parallel.model_mesh(env.devices(2), ("data",)), params, 3)
+    with pytest.raises(ValueError, match=">= 1"):
+        parallel.one_f_one_b_schedule(2, 0)
     with pytest.raises(ValueError, match="does not fit"):
         parallel.model_mesh(env.devices(4), ("data", "model"), shape=(3, 2))
     with pytest.raises(ValueError, match=">= 1"):
