@@ -1045,10 +1045,11 @@ def host_footer(fig: plt.Figure, info: env.EnvInfo | None, what: str) -> str:
 
     Same place and style as :func:`scalelab.plot.label`; returns the text.
     """
+    from scalelab import plot  # matplotlib only when drawing
+
     info = info or env.describe()
-    text = f"{what} on the host CPU ({env.cpu_cores()} cores), {'quick' if info.quick else 'full'} mode"
-    fig.supxlabel(text, x=0.99, ha="right", fontsize=7, color="0.4")
-    return text
+    return plot.footer(fig, f"{what} on the host CPU ({env.cpu_cores()} cores), "
+                            f"{'quick' if info.quick else 'full'} mode")
 
 
 def plot_speedup(runs: Sequence[ForestRun], info: env.EnvInfo | None = None) -> plt.Figure:
@@ -1147,8 +1148,7 @@ def plot_bytes(ns: Sequence[int], size: float = 1.0, info: env.EnvInfo | None = 
     _plain_log_y(ax)
     ax.legend(fontsize=8)
     mode = "quick" if (info or env.describe()).quick else "full"
-    fig.supxlabel(f"computed from the formulas, nothing measured, {mode} mode", x=0.99, ha="right",
-                  fontsize=7, color="0.4")
+    plot.footer(fig, f"computed from the formulas, nothing measured, {mode} mode")
     return fig
 
 
@@ -1172,9 +1172,8 @@ def plot_latency(sizes: Sequence[int], dask_s: Sequence[float], psum_s: Sequence
           ylabel="Dask time / psum time", title="How much more a task round costs")
     _plain_log_y(b)
     devices = info.label.rsplit(", ", 1)[0]
-    fig.supxlabel(f"measured: psum on {devices}; Dask with {workers} worker process(es) on the "
-                  f"host CPU, {'quick' if info.quick else 'full'} mode",
-                  x=0.99, ha="right", fontsize=7, color="0.4")
+    plot.footer(fig, f"measured: psum on {devices}; Dask with {workers} worker process(es) on the "
+                     f"host CPU, {'quick' if info.quick else 'full'} mode")
     return fig
 
 

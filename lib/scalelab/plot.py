@@ -73,7 +73,15 @@ def label(fig: plt.Figure, info: env.EnvInfo | None = None, source: str = "measu
     Pass ``devices`` (a count, or the devices) when the work ran on fewer devices than the
     runtime has, e.g. a single-device kernel: ``plot.label(fig, info, devices=1)``.
     """
-    text = provenance(info, source, devices)
+    return footer(fig, provenance(info, source, devices))
+
+
+def footer(fig: plt.Figure, text: str) -> str:
+    """Write ``text`` as the figure's provenance footer (bottom-right, small grey); returns it.
+
+    :func:`label` writes the usual "measured on <devices>, <mode> mode"; use this directly for
+    figures whose work did not run on the JAX devices (host CPU, formulas only).
+    """
     fig.supxlabel(text, x=0.99, ha="right", fontsize=7, color="0.4")
     return text
 
