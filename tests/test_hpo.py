@@ -150,8 +150,8 @@ def test_unknown_strategy_and_pruner_are_clear_errors():
         hpo.make_sampler("annealing", hpo.DIGITS_SPACE, 8)
     with pytest.raises(ValueError, match="unknown strategy"):
         hpo.run_study(quadratic(hpo.DIGITS_SPACE), "bayes", 4, space=hpo.DIGITS_SPACE)
-    with pytest.raises(ValueError, match="unknown pruner 'asha'"):
-        hpo.make_pruner("asha", 8)
+    with pytest.raises(ValueError, match="unknown pruner 'sha'; expected one of none, median, asha, hyperband"):
+        hpo.make_pruner("sha", 8)
     with pytest.raises(ValueError, match="unknown strategy"):
         hpo.run_workers("unused.log", "s", strategy="nope")
 
@@ -282,6 +282,65 @@ def test_pbt_copies_the_best_and_stays_in_the_space(task):
         hpo.pbt(task, population=5, epochs=3, interval=2)
 
 
+def test_exploit_and_explore_copies_the_best_members(task):
+    n, q = 5, 2
+    hps = {k: np.asarray(v, np.float32) for k, v in hpo.sample(task.space, n, np.random.default_rng(2)).items()}
+    keys = jax.random.split(task.key(2), n)
+    states = hpo.init_population(keys, hpo.hyperparameter_arrays(hps), features=task.features,
+                                 classes=task.classes, max_width=task.max_width)
+    accuracy = np.asarray([0.5, 0.9, 0.1, 0.8, 0.3])
+    before = {k: v.copy() for k, v in hps.items()}
+    new_states, new_hp, pairs = hpo.exploit_and_explore(states, hps, accuracy, q, task.space,
+                                                        np.random.default_rng(0))
+    assert sorted(w for w, _ in pairs) == [2, 4]                      # the two worst
+    assert all(src in (1, 3) for _, src in pairs)                     # copy one of the two best
+    for w, src in pairs:
+        for a, b in zip(jax.tree.leaves(new_states), jax.tree.leaves(states), strict=True):
+            np.testing.assert_array_equal(np.asarray(a[w]), np.asarray(b[src]))   # weights and optimiser state
+        assert new_hp["width"][w] == hps["width"][src]
+        ratio = new_hp["learning_rate"][w] / hps["learning_rate"][src]
+        clipped = new_hp["learning_rate"][w] in (task.space["learning_rate"].low, task.space["learning_rate"].high)
+        assert clipped or np.isclose(ratio, 0.8, rtol=1e-5) or np.isclose(ratio, 1.25, rtol=1e-5)
+    for i in (0, 1, 3):                                               # the others are untouched
+        assert all(new_hp[k][i] == hps[k][i] for k in hps)
+    assert all(np.array_equal(hps[k], before[k]) for k in hps)       # the inputs are not modified
+
+
+def test_pbt_summary_reports_both_runs(task):
+    result = hpo.pbt(task, population=5, epochs=2, interval=1, seed=0)
+    summary = hpo.pbt_summary(result)
+    assert set(summary) == {"baseline", "pbt"}
+    for name, acc in (("baseline", result.baseline), ("pbt", result.accuracy)):
+        assert summary[name]["worst"] == pytest.approx(float(acc[-1].min()))
+        assert summary[name]["median"] == pytest.approx(float(np.median(acc[-1])))
+    w = result.replaced[0][0][0]
+    assert summary["pbt"]["first_replaced_mean"] == pytest.approx(float(result.accuracy[-1, w]))
+
+
+def test_step_flops_counts_forward_and_backward_products(task):
+    assert hpo.step_flops(64, 128, 10, 64) == 3 * 2 * 64 * (64 * 128 + 128 * 10)
+    steps = len(task.data.x_train) // task.batch_size
+    assert hpo.training_flops(task, 3) == 3 * 2 * steps * hpo.step_flops(64, 128, 10, 64)
+
+
+def test_asha_prunes_behind_trials_at_its_rungs():
+    pruner = hpo.make_pruner("asha", 8)
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        for step in range(8):
+            trial.report(x * (step + 1), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return x
+
+    study = hpo.run_study(objective, "random", 12, space={"x": hpo.Dim(0.0, 1.0)}, pruner="asha", epochs=8)
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned and all(max(t.intermediate_values) in (1, 3) for t in pruned)   # rungs at steps 1 and 3
+    assert study.best_value == max(t.value for t in study.trials if t.state == TrialState.COMPLETE)
+
+
 @given(st.lists(st.floats(1e-4, 1e-1), min_size=1, max_size=6), st.integers(0, 100))
 def test_explore_stays_in_bounds(lrs, seed):
     n = len(lrs)
@@ -311,6 +370,17 @@ def test_shared_storage_study_worked_by_two_processes(tmp_path):
     assert {t.user_attrs["worker"] for t in study.trials} == {0, 1}
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    # both workers marked themselves ready before either took a trial (the start barrier)
+    ready = [v for k, v in study.user_attrs.items() if k.startswith("ready-")]
+    assert len(ready) == 2
+    assert max(ready) <= min(t.datetime_start.timestamp() for t in study.trials) + 1e-3
+
+
+def test_start_barrier_times_out_when_a_worker_never_comes(tmp_path):
+    with hpo.quiet_optuna():
+        study = optuna.create_study(storage=hpo.open_storage(tmp_path / "j.log"), study_name="alone")
+    with pytest.raises(TimeoutError, match="fewer than 2 workers"):
+        hpo._start_together(study, 0, 2, timeout=0.3)
 
 
 def test_a_failing_worker_process_is_reported(tmp_path):
