@@ -163,3 +163,70 @@ def test_saved_residuals_show_what_each_variant_keeps():
     assert [line for line in kept("full") if "8,4]" in line] == ["f32[9,8,4] output of scan"]
     assert [line for line in kept("sqrt") if "8,4]" in line] == ["f32[3,8,4] output of scan"]
     assert not any("/" in line for line in kept("none"))
+
+
+def test_tanh_saves_its_output_and_one_minus_it():
+    z = jnp.linspace(-2.0, 2.0, 7)
+    assert memory.saved_residuals(jnp.tanh, z) == ["f32[7] output of tanh", "f32[7] output of sub"]
+    t, vjp = jax.vjp(jnp.tanh, z)
+    saved = jax.tree.leaves(vjp)
+    assert len(saved) == 2
+    np.testing.assert_array_equal(saved[0], jnp.tanh(z))
+    np.testing.assert_array_equal(saved[1], 1 - jnp.tanh(z))
+    g = jnp.arange(7.0)
+    np.testing.assert_allclose(vjp(g)[0], g * (1 - t**2), rtol=1e-6, atol=1e-6)
+
+
+def test_policy_variants_keep_what_their_policy_says():
+    ws, x = memory.init(9, 4, 8)
+
+    def stacks(variant):
+        lines = memory.saved_residuals(lambda ws, x: memory.loss(ws, x, variant), ws, x)
+        return [line for line in lines if "8,4]" in line]
+
+    assert len(stacks("everything_saveable")) == len(stacks("none")) == 3
+    for variant in ("dots_saveable", "dots_with_no_batch_dims_saveable", "save_only_these_names"):
+        assert len(stacks(variant)) == 2, variant
+    assert stacks("offload_pre") == ["f32<host>[9,8,4] output of scan", "f32[9,8,4] output of scan"]
+    temp = {v: memory.activation_bytes(v, 32, 8, 256)["temp"] for v in memory.VARIANTS}
+    assert temp["dots_saveable"] == temp["dots_with_no_batch_dims_saveable"]  # h @ W has no batch dimension
+    assert temp["everything_saveable"] == pytest.approx(temp["none"], rel=0.01)
+    assert temp["full"] < temp["dots_saveable"] < temp["none"]
+
+
+def test_offloading_is_a_no_op_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("offloading moves residuals to host memory on GPU/TPU")
+    args = memory.shapes(16, 8, 64)
+    lowered = memory.grad_fn("offload_pre").lower(*args)
+    assert memory.placement_moves(lowered.as_text()) == 0
+    assert (memory.activation_bytes("offload_pre", 16, 8, 64)["temp"]
+            == memory.activation_bytes("save_only_these_names", 16, 8, 64)["temp"])
+    ws, x = memory.init(5, 4, 8)
+    np.testing.assert_allclose(memory.grad_fn("offload_pre")(ws, x), memory.grad_fn("none")(ws, x), rtol=1e-5)
+
+
+def test_placement_moves_counts_annotations():
+    assert memory.placement_moves("a annotate_device_placement b annotate_device_placement") == 2
+    assert memory.placement_moves("") == 0
+
+
+def test_lever_model_recovers_a_known_split():
+    fixed, act, a, b = 3.0, 192.0, 16, 12.0
+    total = fixed + act
+    r_acc, r_rem = total / (fixed + act / a), total / (fixed + act / b)
+    model = memory.lever_model(r_acc, r_rem, a)
+    assert model["f"] == pytest.approx(fixed / total)
+    assert model["b"] == pytest.approx(b)
+    assert model["predicted"] == pytest.approx(total / (fixed + act / (a * b)))
+    assert model["ceiling"] == pytest.approx(total / fixed)
+    assert max(r_acc, r_rem) < model["predicted"] < min(r_acc * r_rem, model["ceiling"])
+
+
+def test_lever_model_rejects_impossible_inputs():
+    with pytest.raises(ValueError, match="micro_batches"):
+        memory.lever_model(2.0, 2.0, 1)
+    with pytest.raises(ValueError, match="reduction_accumulation < micro_batches"):
+        memory.lever_model(20.0, 2.0, 16)
+    with pytest.raises(ValueError, match="ceiling"):
+        memory.lever_model(2.0, 100.0, 4)

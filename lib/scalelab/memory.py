@@ -42,8 +42,13 @@ VARIANTS: dict[str, str] = {
     "none": "no remat: every layer keeps what its backward step needs",
     "full": "jax.checkpoint on each layer: keep only each layer's input, recompute the rest",
     "sqrt": "nested scan: keep only the input of each of ~sqrt(n) segments of ~sqrt(n) layers",
+    "everything_saveable": "per-layer checkpoint, policy everything_saveable: keep all, as without jax.checkpoint",
     "dots_saveable": "per-layer checkpoint, policy dots_saveable: keep matmul outputs, recompute tanh",
+    "dots_with_no_batch_dims_saveable": "per-layer checkpoint, policy dots_with_no_batch_dims_saveable: keep "
+                                        "matmul outputs without batch dimensions (h @ W has none)",
     "save_only_these_names": "per-layer checkpoint, policy save_only_these_names('pre'): keep the named h @ W",
+    "offload_pre": "per-layer checkpoint, policy save_and_offload_only_these_names: move the named h @ W to "
+                   "pinned host memory (a no-op on CPU, where the lowering ignores memory placement)",
 }
 
 
@@ -54,14 +59,32 @@ def layer(h: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def checkpoint_policy(variant: str) -> Callable[..., Any] | None:
-    """The ``jax.checkpoint`` policy of a per-layer variant (None: save nothing but inputs)."""
+    """The ``jax.checkpoint`` policy of a per-layer variant (None: save nothing but inputs,
+    the same as ``nothing_saveable``; also None for ``none`` and ``sqrt``, which use no policy)."""
     _check_variant(variant)
     policies = jax.checkpoint_policies
     return {
         "full": None,
+        "everything_saveable": policies.everything_saveable,
         "dots_saveable": policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable,
         "save_only_these_names": policies.save_only_these_names("pre"),
+        "offload_pre": offload_policy(),
     }.get(variant)
+
+
+def offload_policy(offload_dst: str = "pinned_host") -> Callable[..., Any]:
+    """``save_and_offload_only_these_names``: keep nothing on the device, move the named
+    pre-activation ``"pre"`` to ``offload_dst`` in the forward pass and back for the backward."""
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("pre",),
+        offload_src="device", offload_dst=offload_dst)
+
+
+def placement_moves(lowered_text: str) -> int:
+    """How many memory-placement annotations (``annotate_device_placement``, what offloading
+    lowers to on GPU/TPU) a lowered program's text contains; 0 where offloading is a no-op."""
+    return lowered_text.count("annotate_device_placement")
 
 
 def _check_variant(variant: str) -> None:
@@ -193,7 +216,9 @@ def saved_residuals(f: Callable[..., Any], *args: Any) -> list[str]:
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         print_saved_residuals(f, *args)
-    return [re.sub(r" from \S+:\d+(:\d+)?( \(.*\))?$", "", line) for line in buffer.getvalue().splitlines()]
+    # "... from file.py:3:9 (fn)", or a bare " from " for values made inside JAX itself
+    return [re.sub(r" from (\S+:\d+(:\d+)?)?( \(.*\))?$", "", line).rstrip()
+            for line in buffer.getvalue().splitlines()]
 
 
 def compiled_bytes(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
@@ -284,7 +309,7 @@ def policy_table(depth: int, width: int, batch: int, variants: Sequence[str] = t
     for v in variants:
         mem = activation_bytes(v, depth, width, batch)
         rows.append({"variant": v, "MiB": mem["total"] / 2**20, "temp MiB": mem["temp"] / 2**20,
-                     "step ms": 1e3 * step_time(v, depth, width, batch, repeat)})
+                     "step ms": 1e3 * step_time(v, depth, width, batch, repeat), "temp bytes": mem["temp"]})
     base = next((r for r in rows if r["variant"] == "none"), rows[0])
     for r in rows:
         r["memory ratio"] = r["MiB"] / base["MiB"]
@@ -305,6 +330,31 @@ def accumulation_bytes(depth: int, width: int, batch: int, micro_batches: Sequen
         rows.append({"variant": variant, "micro_batches": k, "micro_batch": batch // k,
                      "total": mem["argument"] + mem["output"] + mem["temp"], **mem})
     return rows
+
+
+def lever_model(reduction_accumulation: float, reduction_remat: float, micro_batches: int) -> dict[str, float]:
+    """Predict what gradient accumulation and remat achieve together from each one alone.
+
+    Model: total memory = F + A, where the fixed part F (parameters, the gradient, its
+    accumulator, the full-batch inputs) is touched by neither lever and the activation part A
+    is divided by ``a = micro_batches`` by accumulation and by an unknown ``b`` by remat. With
+    ``f = F / (F + A)`` each lever alone reduces the total by ``1 / (f + (1 - f) / a)``
+    (resp. ``b``), so the two measured reductions give ``f`` and ``b``, and both levers
+    together give ``1 / (f + (1 - f) / (a b))``, at most ``1 / f`` however large ``a b``.
+    Returns ``f``, ``b``, ``predicted`` and ``ceiling`` (``1 / f``).
+    """
+    r_acc, r_rem, a = float(reduction_accumulation), float(reduction_remat), micro_batches
+    if isinstance(a, bool) or not isinstance(a, int | np.integer) or a < 2:
+        raise ValueError(f"micro_batches must be an integer >= 2, got {micro_batches!r}")
+    if not (1 < r_acc < a and r_rem > 1):
+        raise ValueError(f"need 1 < reduction_accumulation < micro_batches and reduction_remat > 1, "
+                         f"got {reduction_accumulation!r}, {reduction_remat!r}, {micro_batches!r}")
+    f = (1 / r_acc - 1 / a) / (1 - 1 / a)
+    if not 1 / r_rem > f:
+        raise ValueError(f"remat alone ({r_rem:.3g}x) cannot exceed the ceiling 1/f = {1 / f:.3g}x "
+                         "that accumulation's measurement implies")
+    b = (1 - f) / (1 / r_rem - f)
+    return {"f": f, "b": b, "predicted": 1 / (f + (1 - f) / (a * b)), "ceiling": 1 / f}
 
 
 def loglog_axes(ax: Any, xticks: Sequence[float]) -> None:
