@@ -383,3 +383,67 @@ def test_matmul_dtypes_reads_the_compiled_program():
 def test_tree_bytes():
     assert precision.tree_bytes({"a": jnp.ones((3, 4)), "b": jnp.ones(2, jnp.bfloat16)}) == 48 + 4
     assert precision.tree_bytes(dataclasses.replace(precision.quantize_per_channel(jnp.ones((4, 2))))) == 8 + 8
+
+
+# --------------------------------------------------------------------------- mixed-precision products, failures
+
+
+def test_mixed_logits_accumulate_in_float32_and_match_the_module(small_model, digits):
+    x = jnp.asarray(digits.x_test[:32])
+    ref = small_model.module()(x)
+    f32 = precision.mixed_logits(small_model, precision.Policy(), small_model.params, x)
+    np.testing.assert_allclose(f32, ref, rtol=1e-5, atol=1e-5)
+    bf16 = precision.mixed_logits(small_model, precision.Policy.parse("params=f32,compute=bf16,output=f32"),
+                                  small_model.params, x)
+    assert bf16.dtype == jnp.float32 and float(jnp.linalg.norm(bf16 - ref) / jnp.linalg.norm(ref)) < 0.02
+    k = small_model.params["head"]["kernel"][...]
+    out = precision.dense(jnp.ones((2, k.shape[0]), jnp.bfloat16), k, jnp.zeros(k.shape[1]), jnp.bfloat16)
+    assert out.dtype == jnp.float32
+    found = precision.matmul_dtypes(lambda h: precision.dense(h, k, jnp.zeros(k.shape[1]), jnp.bfloat16),
+                                    jnp.ones((2, k.shape[0]), jnp.bfloat16))
+    assert len(found) == 1
+
+
+def test_zero_and_unchanged_fractions():
+    assert float(precision.zero_fraction({"a": jnp.array([0.0, 1.0]), "b": jnp.zeros(2)})) == 0.75
+    old = {"w": jnp.array([1.0, 1.0, 1.0], jnp.bfloat16)}
+    upd = {"w": jnp.array([1e-4, 0.5, 0.0], jnp.bfloat16)}
+    new = {"w": old["w"] + upd["w"]}
+    # 1e-4 is below half of bfloat16's gap at 1 (2**-8): rounded away; the zero update is not counted
+    assert float(precision.unchanged_fraction(new, old, upd)) == 0.5
+
+
+def test_small_loss_weight_flushes_float16_gradients_and_scaling_restores_them(digits):
+    kw = dict(epochs=1, hidden=(16,), loss_weight=2.0 ** -20)
+    f16 = precision.POLICIES["float16"]
+    ref = precision.train_policy("float32", digits.x_train, digits.y_train, **kw)
+    none = precision.train_policy("float16", digits.x_train, digits.y_train, policy=f16, **kw)
+    scaled = precision.train_policy("float16", digits.x_train, digits.y_train, policy=f16,
+                                    loss_scale=precision.static_loss_scale(2.0 ** 20), **kw)
+    assert np.mean(none.zero_grads) > 0.95 > np.mean(ref.zero_grads) + 0.3
+    assert abs(np.mean(scaled.zero_grads) - np.mean(ref.zero_grads)) < 0.02
+    assert none.losses[-1] > ref.losses[-1] and abs(scaled.losses[-1] - ref.losses[-1]) < 0.05
+
+
+def test_pure_bfloat16_keeps_bfloat16_state_and_loses_small_updates(digits):
+    kw = dict(epochs=1, hidden=(16,), learning_rate=2e-4)
+    pure = precision.train_policy("pure", digits.x_train, digits.y_train,
+                                  policy="params=bfloat16,compute=bfloat16,output=float32", **kw)
+    mixed = precision.train_policy("mixed", digits.x_train, digits.y_train, policy=precision.POLICIES["bfloat16"], **kw)
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves((pure.params, pure.opt_state)) if a.ndim)
+    assert np.mean(pure.unchanged) > 0.3 > 10 * np.mean(mixed.unchanged)
+
+
+def test_committed_matmul_rows_and_spec_ratios():
+    result = {"device": "GPU X", "backend": "gpu", "device_count": 1, "date": "2026-01-01T00:00:00",
+              "versions": {"jax": "0"}, "quick": False, "timing_shape": {"matmul_n": 8},
+              "matmul": {"float32": {"op_per_s": 2e12, "compiled": "f32 x f32"},
+                         "bfloat16 (float32 accumulate)": {"op_per_s": 3e12, "compiled": "bf16 x bf16"}}}
+    rows = precision.committed_matmul_rows(result)
+    assert rows[0]["variant"] == "float32 = TF32 (default precision)" and rows[1]["speed-up over float32 row"] == 1.5
+    assert "GPU X (gpu, 1 device(s)), jax 0, committed 2026-01-01, full mode, matmul n=8" == precision.provenance(result)
+    r = precision.spec_ratios("NVIDIA H200 SXM")
+    assert r["bf16 / tf32"] == pytest.approx(2.0) and r["bf16 / fp32"] > 10
+    assert precision.spec_ratios("TPU v5e")["bf16 / tf32"] is None
+    with pytest.raises(ValueError, match="no published spec"):
+        precision.spec_ratios("GPU X")

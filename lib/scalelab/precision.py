@@ -11,12 +11,16 @@ and arithmetic speed. This module gathers what the chapter measures:
 - **loss scaling**, static and dynamic, as a few pure (jit-able) functions on a small
   pytree state :class:`LossScale` — written here instead of taken from the unmaintained
   ``jmp`` package;
-- **mixed precision training**: float32 master weights, low-precision compute, described
-  by a :class:`Policy` (param / compute / output dtypes) parsed from a string;
+- **mixed precision training**: float32 master weights, 16-bit products accumulated in float32
+  (``preferred_element_type``, :func:`dense`), described by a :class:`Policy` (param / compute /
+  output dtypes) parsed from a string; the per-step share of gradients flushed to zero and of
+  updates rounded away (pure bfloat16 against float32 masters);
 - **inference quantisation**: int8 post-training quantisation with per-output-channel
   scales and an int32-accumulating matmul, and float8 inference simulated by casting
   through float8 and back;
-- the ``precision`` benchmark (:func:`bench_precision`).
+- the ``precision`` benchmark (:func:`bench_precision`), and committed results of it read back
+  with their provenance (:func:`committed_matmul_rows`, :func:`provenance`) beside published
+  peak ratios (:func:`spec_ratios`).
 """
 
 from __future__ import annotations
@@ -460,41 +464,103 @@ class Model:
         return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
 
 
+def dense(h: jax.Array, kernel: jax.Array, bias: jax.Array, compute_dtype: Any) -> jax.Array:
+    """One mixed-precision linear layer: ``h @ kernel`` with both operands in ``compute_dtype``
+    and the products accumulated and returned in float32 (``preferred_element_type``), then
+    the bias added in float32.
+
+    Asking for a float32 result is what lets a backend use its 16-bit matrix path with a wide
+    accumulator; a 16-bit result (``a @ b`` on 16-bit inputs) rounds the sum to 16 bits and, on
+    XLA's CPU backend, is compiled as a float32 product between two conversions.
+    """
+    c = jnp.dtype(compute_dtype)
+    z = jnp.dot(h.astype(c), kernel.astype(c), preferred_element_type=jnp.float32)
+    return z + bias.astype(jnp.float32)
+
+
+def mixed_logits(model: Model, policy: Policy, params: Any, x: jax.Array) -> jax.Array:
+    """Logits (in ``policy.output_dtype``) with the forward pass in ``policy.compute_dtype``.
+
+    For :class:`scalelab.models.MLP` every layer is :func:`dense`: 16-bit operands, float32
+    accumulation, and each ReLU output cast back to the compute dtype (the activation the
+    next product and the backward pass use). Other models run their own ``__call__`` on
+    parameters and inputs cast to the compute dtype.
+    """
+    from scalelab import models
+
+    net = model.module(params)
+    c = policy.compute_dtype
+    if isinstance(net, models.MLP):
+        h = jnp.asarray(x).astype(c)
+        for layer in net.layers:
+            h = nnx.relu(dense(h, layer.kernel[...], layer.bias[...], c)).astype(c)
+        logits = dense(h, net.head.kernel[...], net.head.bias[...], c)
+    else:
+        logits = model.module(policy.cast_to_compute(params))(policy.cast_to_compute(x))
+    return policy.cast_to_output(logits)
+
+
 def mixed_loss(model: Model, policy: Policy, params: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy with the forward pass in ``policy.compute_dtype``.
+    """Mean cross-entropy with the forward pass in ``policy.compute_dtype`` (:func:`mixed_logits`).
 
     The parameters (float32 masters) and the inputs are cast to the compute dtype *inside*
     the differentiated function, so the gradients come back in the parameters' dtype: the
-    transpose of a cast is a cast back. The logits are cast to the output dtype (float32)
+    transpose of a cast is a cast back. The logits are in the output dtype (float32)
     before the softmax, whose exponentials would overflow float16.
     """
-    logits = model.module(policy.cast_to_compute(params))(policy.cast_to_compute(x))
-    logits = policy.cast_to_output(logits)
+    logits = mixed_logits(model, policy, params, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
 
-def make_train_step(model: Model, policy: Policy, tx: optax.GradientTransformation) -> Callable:
+def zero_fraction(tree: Any) -> jax.Array:
+    """Fraction of the entries of ``tree`` that are exactly zero (a scalar array)."""
+    leaves = jax.tree.leaves(tree)
+    zeros = sum(jnp.sum(a == 0) for a in leaves)
+    return zeros / max(sum(a.size for a in leaves), 1)
+
+
+def unchanged_fraction(new: Any, old: Any, updates: Any) -> jax.Array:
+    """Fraction of the non-zero ``updates`` that left their parameter unchanged (``new == old``):
+    updates smaller than half the gap between neighbouring numbers of the parameter's dtype,
+    rounded away."""
+    pairs = list(zip(jax.tree.leaves(new), jax.tree.leaves(old), jax.tree.leaves(updates), strict=True))
+    moved = sum(jnp.sum(u != 0) for _, _, u in pairs)
+    lost = sum(jnp.sum((n == o) & (u != 0)) for n, o, u in pairs)
+    return lost / jnp.maximum(moved, 1)
+
+
+def make_train_step(model: Model, policy: Policy, tx: optax.GradientTransformation,
+                    loss_weight: float = 1.0) -> Callable:
     """A jitted mixed-precision training step with loss scaling.
 
     ``step(params, opt_state, ls, x, y) -> (params, opt_state, ls, metrics)``: scale the
     loss, differentiate, unscale the gradients into float32, check them, apply the update
     only if they are finite (else keep the old parameters and optimiser state: the step
-    is skipped), and update the loss scale.
+    is skipped), and update the loss scale. The optimiser sees the gradients in the
+    parameters' dtype (float32 master weights; bfloat16 for a pure-bfloat16 policy, whose
+    optimiser state and updates are then bfloat16 too).
+
+    ``loss_weight`` multiplies the loss that is differentiated (an auxiliary loss's weight,
+    or a mean over very many values): it makes every gradient that much smaller. Metrics:
+    the (unweighted) loss, batch accuracy, ``finite``, the ``scale`` used, ``zero_grads``
+    (fraction of gradient entries exactly 0) and ``unchanged`` (fraction of non-zero updates
+    rounded away by the parameters' dtype).
     """
     def step(params, opt_state, ls: LossScale, x, y):
         def scaled(p):
             loss, logits = mixed_loss(model, policy, p, x, y)
-            return scale_loss(loss, ls), (loss, logits)
+            return scale_loss(loss_weight * loss, ls), (loss, logits)
 
         grads, (loss, logits) = jax.grad(scaled, has_aux=True)(params)
         grads = unscale_grads(grads, ls)
         finite = all_finite(grads)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        updates, new_opt_state = tx.update(policy.cast_to_param(grads), opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y), "finite": finite,
+                   "scale": ls.scale, "zero_grads": zero_fraction(grads),
+                   "unchanged": unchanged_fraction(new_params, params, updates)}
         params = select_if_finite(finite, new_params, params)
         opt_state = select_if_finite(finite, new_opt_state, opt_state)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y), "finite": finite,
-                   "scale": ls.scale}
         return params, opt_state, update(ls, finite), metrics
 
     return jax.jit(step)
@@ -515,6 +581,8 @@ class Run:
     step: Callable
     opt_state: Any
     forward: Callable
+    zero_grads: list[float] = dataclasses.field(default_factory=list)  # per step: gradient entries exactly 0
+    unchanged: list[float] = dataclasses.field(default_factory=list)  # per step: non-zero updates rounded away
 
     @property
     def skipped(self) -> int:
@@ -533,7 +601,7 @@ class Run:
 def make_forward(model: Model, policy: Policy) -> Callable[[Any, jax.Array], jax.Array]:
     """A jitted ``(params, x) -> logits`` with the forward pass under ``policy``."""
     def forward(params, x):
-        return policy.cast_to_output(model.module(policy.cast_to_compute(params))(policy.cast_to_compute(x)))
+        return mixed_logits(model, policy, params, x)
 
     return jax.jit(forward)
 
@@ -547,12 +615,13 @@ def digits_model(hidden: tuple[int, ...] = (128, 64), seed: int = 0, features: i
 
 def train_policy(name: str, x: np.ndarray, y: np.ndarray, policy: Policy | str | None = None,
                  loss_scale: LossScale | None = None, epochs: int = 30, batch_size: int = 64,
-                 learning_rate: float = 2e-3, hidden: tuple[int, ...] = (128, 64), seed: int = 0) -> Run:
+                 learning_rate: float = 2e-3, hidden: tuple[int, ...] = (128, 64), seed: int = 0,
+                 loss_weight: float = 1.0) -> Run:
     """Train the chapter-05 MLP with Adam under ``policy`` (default: :data:`POLICIES` ``[name]``).
 
     For a given ``seed`` every policy starts from the same initial parameters and sees the
     same batches, so differences between policies come from the arithmetic alone. The
-    metrics are read back once per epoch.
+    metrics are read back once per epoch. ``loss_weight``: see :func:`make_train_step`.
     """
     from scalelab import train
 
@@ -567,12 +636,14 @@ def train_policy(name: str, x: np.ndarray, y: np.ndarray, policy: Policy | str |
     if jnp.dtype(policy.param_dtype) != jnp.float32:
         model = dataclasses.replace(model, params=policy.cast_to_param(model.params))
     tx = optax.adam(learning_rate)
-    step = make_train_step(model, policy, tx)
+    step = make_train_step(model, policy, tx, loss_weight)
     params, opt_state = model.params, tx.init(model.params)
     ls = loss_scale if loss_scale is not None else no_loss_scale()
     losses: list[float] = []
     scales: list[float] = []
     finite: list[bool] = []
+    zero_grads: list[float] = []
+    unchanged: list[float] = []
     for epoch in range(epochs):
         epoch_metrics = []
         for xb, yb in train.array_batches(x, y, batch_size, seed, epoch):
@@ -582,7 +653,10 @@ def train_policy(name: str, x: np.ndarray, y: np.ndarray, policy: Policy | str |
         losses += [float(v) for v in stacked["loss"]]
         scales += [float(v) for v in stacked["scale"]]
         finite += [bool(v) for v in stacked["finite"]]
-    return Run(name, policy, model, params, ls, losses, scales, finite, step, opt_state, make_forward(model, policy))
+        zero_grads += [float(v) for v in stacked["zero_grads"]]
+        unchanged += [float(v) for v in stacked["unchanged"]]
+    return Run(name, policy, model, params, ls, losses, scales, finite, step, opt_state, make_forward(model, policy),
+               zero_grads, unchanged)
 
 
 def activations(model: Model, params: Any, x: jax.Array, hook: Callable[[jax.Array], jax.Array] = lambda a: a
@@ -820,6 +894,47 @@ def matmul_variants(n: int, repeat: int = 5) -> list[dict[str, Any]]:
         rows.append({"variant": name, "seconds": t, "op_per_s": 2 * n ** 3 / t,
                      "compiled matmul": ", ".join(sorted(set(matmul_dtypes(fn, a, a)))) or "(library call)"})
     return rows
+
+
+def committed_matmul_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The square-matmul table of a saved ``precision`` result, one row per format: rate,
+    what XLA compiled it as, and its speed-up over the float32 row.
+
+    A saved result records operand dtypes and rates, not the matmul precision setting; the
+    float32 row is labelled with what a float32 product means at JAX's default precision on
+    the result's backend (:func:`scalelab.hardware.float32_label`: TF32 on recent NVIDIA GPUs).
+    """
+    from scalelab import hardware
+
+    matmul = result["matmul"]
+    base = matmul["float32"]["op_per_s"]
+    rows = []
+    for variant, v in matmul.items():
+        label = hardware.float32_label(result.get("backend", "")) if variant == "float32" else variant
+        rows.append({"variant": label, "T(FL)OP/s": v["op_per_s"] / 1e12, "compiled as": v["compiled"],
+                     "speed-up over float32 row": v["op_per_s"] / base})
+    return rows
+
+
+def provenance(result: dict[str, Any]) -> str:
+    """One line saying where a saved result comes from: device, backend, versions, date, mode."""
+    v = result.get("versions", {})
+    return (f"{result['device']} ({result.get('backend')}, {result.get('device_count')} device(s)), "
+            f"jax {v.get('jax')}, committed {str(result.get('date', ''))[:10]}, "
+            f"{'quick' if result.get('quick') else 'full'} mode, matmul n={result['timing_shape']['matmul_n']}")
+
+
+def spec_ratios(chip: str) -> dict[str, float | None]:
+    """Published dense peak ratios of ``chip`` (a :data:`scalelab.hardware.SPECS` name):
+    16-bit over TF32 and 16-bit over plain float32 (None where not published)."""
+    from scalelab import hardware
+
+    spec = next((s for s in hardware.SPECS if s.name == chip), None)
+    if spec is None:
+        raise ValueError(f"no published spec for {chip!r}; known: {[s.name for s in hardware.SPECS]}")
+    return {"bf16 / tf32": spec.peak_16bit / spec.peak_tf32 if spec.peak_tf32 else None,
+            "bf16 / fp32": spec.peak_16bit / spec.peak_fp32 if spec.peak_fp32 else None,
+            "source": spec.source}
 
 
 # --------------------------------------------------------------------------- the benchmark
