@@ -142,3 +142,39 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="kill_at"):
         ck.crash_during_save(tmp_path / "y", steps=8, every=2, kill_at=3)
     shutil.rmtree(tmp_path / "c")
+
+
+def test_fsdp_shardings_split_the_largest_dividing_dimension():
+    mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(AxisType.Auto,), devices=env.devices(4))
+    P = jax.sharding.PartitionSpec
+    tree = {"k": np.zeros((64, 128)), "tall": np.zeros((12, 6)), "b": np.zeros(10), "s": np.zeros(())}
+    specs = {k: s.spec for k, s in ck.fsdp_shardings(tree, mesh).items()}
+    assert specs == {"k": P(None, "fsdp"), "tall": P("fsdp", None), "b": P(), "s": P()}
+
+
+def test_sharded_state_restores_onto_fewer_devices(tmp_path):
+    state, *_ = _fresh()
+    P = jax.sharding.PartitionSpec
+
+    def mesh(n):
+        return jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,), devices=env.devices(n))
+
+    sharded = jax.device_put(state, ck.fsdp_shardings(state, mesh(4)))
+    it, _ = ck.digits_data(batch_size=16)
+    m = ck.manager(tmp_path, asynchronous=False)
+    ck.save(m, sharded, it, force=True)
+    for n in (2, 1):
+        back = ck.restore(ck.manager(tmp_path), jax.device_put(state, ck.fsdp_shardings(state, mesh(n))))
+        kernel = back["params"]["layers"][0]["kernel"]
+        assert kernel.sharding.spec == P("fsdp", None) and len(kernel.sharding.device_set) == n
+        assert ck.bitwise_equal(back, state)
+
+
+def test_raw_write_peer_writes_the_same_bytes(tmp_path):
+    tree = {"a": np.arange(10, dtype=np.float32), "b": np.ones((3, 4), np.int32)}
+    nbytes = 10 * 4 + 12 * 4
+    assert ck.raw_write(tmp_path / "one", tree) == nbytes
+    assert ck.folder_bytes(tmp_path / "one") == nbytes and ck.folder_files(tmp_path / "one") == 1
+    assert ck.raw_write(tmp_path / "many", tree, durable=False, one_file=False) == nbytes
+    assert ck.folder_files(tmp_path / "many") == 2
+    assert (tmp_path / "one" / "0.bin").read_bytes() == tree["a"].tobytes() + tree["b"].tobytes()
