@@ -396,3 +396,137 @@ def test_round_robin_takes_turns():
     assert calls[-12:] == [0, 1, 2] * 4  # rounds, each function once per round
     with pytest.raises(ValueError, match="repeat"):
         monitor.time_round_robin(fns, repeat=0)
+
+
+# --------------------------------------------------------------------------- traces as timelines
+
+
+def _write_trace(path, events):
+    import gzip
+    import json
+
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, handle)
+    return path
+
+
+def _meta(pid, tid, name, index):
+    return [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}},
+            {"ph": "M", "pid": pid, "tid": tid, "name": "thread_sort_index", "args": {"sort_index": index}}]
+
+
+def test_trace_events_threads_categories_and_nesting(tmp_path):
+    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+              *_meta(1, 10, "python", 1), *_meta(1, 20, "tf_XLAEigen/123", 2), *_meta(1, 30, "tf_XLAEigen/-456", 3)]
+    x = lambda tid, name, ts, dur: {"ph": "X", "pid": 1, "tid": tid, "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    events += [x(10, "train", 1000, 500), x(10, "PjitFunction(step)", 1010, 100), x(10, "$foo.py:1 f", 1020, 10),
+               x(10, "DevicePut", 1050, 20), x(20, "ThunkExecutor::Execute", 1100, 300),
+               x(20, "dot.1", 1150, 100), x(20, "ThreadpoolListener::Record", 1160, 1), x(20, "end: dot.1", 1250, 0),
+               x(30, "fusion.2", 1200, 50)]
+    path = _write_trace(tmp_path / "t.json.gz", events)
+    ev = monitor.trace_events(path)
+    assert [e.thread for e in ev] == ["python"] * 3 + ["XLAEigen #1"] * 2 + ["XLAEigen #2"]
+    cat = {e.name: (e.category, e.depth) for e in ev}
+    assert cat == {"train": ("step", 0), "PjitFunction(step)": ("dispatch", 0), "DevicePut": ("runtime", 1),
+                   "ThunkExecutor::Execute": ("program", 0), "dot.1": ("kernel", 1), "fusion.2": ("kernel", 0)}
+    assert ev[0].start_ms == 0.0 and ev[0].end_ms == pytest.approx(0.5)
+    assert any(e.category == "python" for e in monitor.trace_events(path, python=True))
+    rows = {r["thread"]: r for r in monitor.trace_threads(ev)}
+    assert rows["python"]["busy ms"] == pytest.approx(0.1) and rows["python"]["kernels"] == 0
+    assert rows["XLAEigen #1"]["kernels"] == 1 and rows["XLAEigen #1"]["kernel ms"] == pytest.approx(0.1)
+    fig = monitor.plot_trace(ev, title="t")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["python", "XLAEigen #1", "XLAEigen #2"]
+    with pytest.raises(ValueError, match="no trace events"):
+        monitor.plot_trace([])
+    assert monitor.trace_events(_write_trace(tmp_path / "empty.json.gz", [])) == []
+
+
+def test_trace_of_a_real_step_and_shown_paths(tmp_path):
+    import socket
+
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((64, 64))
+    files = monitor.profile_steps(lambda: f(x), 3, tmp_path / "trace")
+    host = socket.gethostname()
+    for r in files:
+        assert r["shown"].startswith("plugins/profile/RUN/") and (host not in r["shown"] or host == "HOST")
+    perfetto = next(r["file"] for r in files if r["file"].endswith("perfetto_trace.json.gz"))
+    ev = monitor.trace_events(tmp_path / "trace" / perfetto)
+    assert sum(e.category == "step" for e in ev) == 3
+    assert any(e.category in ("program", "kernel") for e in ev)
+    assert monitor._shown_path(f"plugins/profile/2026_01_01_00_00_00/{host}.xplane.pb") == \
+        "plugins/profile/RUN/HOST.xplane.pb"
+
+
+# --------------------------------------------------------------------------- MFU and HFU
+
+
+def test_device_peak_on_cpu_is_the_hardware_estimate():
+    peak = monitor.device_peak(jax.devices("cpu")[0])
+    est = hardware.estimate_peak(hardware.cpu_info())
+    assert peak.estimated and peak.flops == est.fp32 and "estimate" in peak.source
+    assert monitor.device_peak(jax.devices("cpu")[0], "bfloat16").flops == (est.bf16 or est.fp32)
+    with pytest.raises(ValueError, match="dtype"):
+        monitor.device_peak(dtype="int8")
+
+
+def test_device_peak_maps_accelerator_kinds_to_specs():
+    class Fake:
+        def __init__(self, platform, kind):
+            self.platform, self.device_kind = platform, kind
+
+    spec = {s.name: s for s in hardware.SPECS}
+    h200 = monitor.device_peak(Fake("gpu", "NVIDIA H200"))
+    assert not h200.estimated and h200.flops == spec["NVIDIA H200 SXM"].peak_tf32
+    assert monitor.device_peak(Fake("gpu", "NVIDIA A100-SXM4-80GB"), "bfloat16").flops == 312e12
+    assert monitor.device_peak(Fake("tpu", "TPU v5 lite")).flops == spec["TPU v5e"].peak_16bit
+    unknown = monitor.device_peak(Fake("gpu", "Some GPU"))
+    assert unknown.flops is None and "no spec" in unknown.source
+
+
+def test_utilisation_arithmetic_and_errors():
+    assert monitor.utilisation(2e9, 0.01, 1e12) == pytest.approx(0.2)
+    for bad in (0, -1.0, math.nan, math.inf, True):
+        with pytest.raises(ValueError):
+            monitor.utilisation(bad, 0.01, 1e12)
+    pred = {"target_flops": 1e9, "measured_s": 0.01}
+    peak = monitor.DevicePeak("x", "float32", 1e11, True, "test")
+    assert monitor.measured_mfu(pred, peak) == {"mfu": pytest.approx(1.0), "usable": pytest.approx(1.0),
+                                                "peak_flops": 1e11, "peak_estimated": True, "peak_source": "test"}
+    assert monitor.measured_mfu({"target_flops": 4e9, "measured_s": 0.01}, peak)["usable"] == 1.0
+
+
+def test_scanned_flops_count_every_layer_and_the_recompute():
+    depth, width, batch = 4, 64, 32
+    plain = monitor.scanned_flops("none", depth, width, batch)
+    remat = monitor.scanned_flops("full", depth, width, batch)
+    if jax.default_backend() == "cpu":
+        assert plain["body_counted_once"] and plain["flops"] == depth * plain["counted"]
+    assert plain["flops"] == pytest.approx(6 * batch * width * width * depth, rel=0.05)
+    assert remat["flops"] / plain["flops"] == pytest.approx(4 / 3, rel=0.05)
+
+
+def test_remat_utilisation_reports_consistent_mfu_and_hfu():
+    r = monitor.remat_utilisation(2, 64, 64, repeat=2)
+    assert r["recompute_ratio"] > 1
+    assert r["remat_hfu"] / r["remat_mfu"] == pytest.approx(r["recompute_ratio"])
+    assert r["mfu"] == pytest.approx(r["model_flops"] / r["step_s"] / r["peak_flops"])
+    with pytest.raises(ValueError, match="no peak"):
+        monitor.remat_utilisation(2, 64, 64, peak=monitor.DevicePeak("x", "float32", None, False, "none"))
+
+
+def test_cpu_by_stage_splits_readings_by_stage():
+    from scalelab import pipeline as pl
+
+    tl = pl.Timeline()
+    tl.record("extract", "main", 0, 10.0, 10.1)
+    tl.record("compute", "main", 0, 10.1, 10.2)
+    tl.record("extract", "main", 1, 10.2, 10.3)
+    samples = [monitor.Sample(t=t, process_cpu=c, system_cpu=0.0, rss_bytes=1) for t, c in
+               ((0.1, 100.0), (0.2, 10.0), (0.3, 90.0))]
+    run = monitor.PipelineRun("seq", tl, samples, offset=0.0, seconds_per_batch=0.1, compute_busy=1 / 3, host_cores=0.6)
+    split = monitor.cpu_by_stage(run, "compute", interval=0.1)
+    assert split["during"] == pytest.approx(0.1) and split["otherwise"] == pytest.approx(0.95)
+    assert split["readings_during"] == 1 and split["readings_otherwise"] == 2
+    with pytest.raises(ValueError, match="no events"):
+        monitor.cpu_by_stage(monitor.PipelineRun("e", pl.Timeline(), samples, 0.0, 0.1, 0.0, 0.0))

@@ -17,8 +17,12 @@ This module gathers what the chapter measures:
   and overlapped pipelines (:func:`pipeline_utilisation`, :func:`plot_utilisation`);
 - **cost**: FLOPs per training step from XLA's cost analysis (:class:`CompiledStep`,
   :func:`train_step_flops`), a linear step-time model fitted on small runs
-  (:func:`fit_linear`) and checked on a larger one, and the time and price of a full run on
-  listed cloud hardware at a stated utilisation (:func:`estimate_run`, :data:`PRICES`);
+  (:func:`fit_linear`) and checked on a larger one, the measured model FLOP utilisation
+  (MFU) against this device's peak (:func:`device_peak`, :func:`utilisation`), MFU vs HFU
+  under rematerialisation (:func:`remat_utilisation`), and the time and price of a full run
+  on listed cloud hardware at a given utilisation (:func:`estimate_run`, :data:`PRICES`);
+- **traces**: the events of a ``jax.profiler`` trace per thread (:func:`trace_events`),
+  drawn as a timeline (:func:`plot_trace`);
 - the ``monitor`` benchmark (:func:`bench_monitor`).
 """
 
@@ -657,7 +661,9 @@ def profile_steps(step: Callable[[], Any], steps: int, logdir: str | os.PathLike
     Each step is annotated (``StepTraceAnnotation``), which XProf uses for its step view.
     Returns the files this trace wrote (relative to ``logdir``): an ``.xplane.pb`` that
     TensorBoard's profile plugin / XProf reads (``xprof --logdir LOGDIR``) and, with
-    ``perfetto``, a ``perfetto_trace.json.gz`` for https://ui.perfetto.dev.
+    ``perfetto``, a ``perfetto_trace.json.gz`` for https://ui.perfetto.dev. Each row also
+    has ``shown``: the path with the run's folder as ``RUN`` and this machine's host name
+    (which the profiler puts in file names) as ``HOST``, for printing.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -669,24 +675,234 @@ def profile_steps(step: Callable[[], Any], steps: int, logdir: str | os.PathLike
         for i in range(steps):
             with jax.profiler.StepTraceAnnotation("train", step_num=i):
                 jax.block_until_ready(step())
-    return [f for f in trace_files(logdir) if f["file"] not in before]
+    return [f | {"shown": _shown_path(f["file"])} for f in trace_files(logdir) if f["file"] not in before]
+
+
+def _shown_path(file: str) -> str:
+    """``file`` (relative to a trace's logdir) as it may be shown: the run's timestamp folder
+    becomes ``RUN`` and the host name the profiler puts in file names becomes ``HOST``."""
+    import socket
+
+    parts = file.split("/")
+    if len(parts) >= 4 and parts[0] == "plugins" and parts[1] == "profile":
+        parts[2] = "RUN"
+    host = socket.gethostname()
+    name = parts[-1]
+    if host and name.startswith(host + "."):
+        parts[-1] = "HOST" + name[len(host):]
+    return "/".join(parts)
+
+
+def _load_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        data = json.load(handle)
+    return data["traceEvents"] if isinstance(data, dict) else data
 
 
 def trace_summary(path: str | os.PathLike, top: int = 8, python: bool = False) -> list[dict[str, Any]]:
     """The events that took the most time in a Chrome/Perfetto JSON trace (``.json.gz``):
     total milliseconds and count per event name, largest first. Python function events
     (named ``$file:line function`` by JAX's Python tracer) are left out unless ``python``."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        data = json.load(handle)
-    events = data["traceEvents"] if isinstance(data, dict) else data
     total: dict[str, list[float]] = {}
-    for e in events:
+    for e in _load_trace(path):
         if e.get("ph") == "X" and "dur" in e and (python or not str(e.get("name", "")).startswith("$")):
             total.setdefault(e.get("name", "?"), []).append(float(e["dur"]) / 1e3)
     rows = [{"event": k, "total ms": sum(v), "count": len(v)} for k, v in total.items()]
     return sorted(rows, key=lambda r: -r["total ms"])[:top]
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceEvent:
+    """One complete event of a profiler trace: on which thread, when (ms since the trace's
+    first event), how long, its category (:data:`TRACE_CATEGORIES`) and its nesting depth
+    on its thread (0 = not inside another event)."""
+
+    thread: str
+    name: str
+    start_ms: float
+    dur_ms: float
+    category: str
+    depth: int
+
+    @property
+    def end_ms(self) -> float:
+        return self.start_ms + self.dur_ms
+
+
+#: What :func:`trace_events` calls each kind of event, with its colour in :func:`plot_trace`.
+TRACE_CATEGORIES: dict[str, tuple[str, str]] = {
+    "step": ("step annotation (StepTraceAnnotation)", "0.85"),
+    "dispatch": ("dispatch of the jitted call (PjitFunction)", "C1"),
+    "program": ("XLA program run (ThunkExecutor; XlaModule on GPU)", "C0"),
+    "kernel": ("operation / kernel (fusion, convolution, dot, ...)", "C3"),
+    "runtime": ("runtime: transfers, waits, buffer bookkeeping", "C2"),
+    "python": ("Python function (JAX's Python tracer)", "C7"),
+}
+_IGNORED_EVENTS = ("ThreadpoolListener::",)
+
+
+def _category(name: str, step_name: str) -> str | None:
+    if name == step_name:
+        return "step"
+    if name.startswith("$"):
+        return "python"
+    if name.startswith(_IGNORED_EVENTS) or name.startswith("end: "):
+        return None
+    if name.startswith("PjitFunction"):
+        return "dispatch"
+    if name.startswith(("ThunkExecutor", "XlaModule")):
+        return "program"
+    if name.startswith(("Wait for", "DevicePut", "CommonPjRt", "PjRt", "PythonRefManager", "ParseArguments", "Handle ",
+                        "Allocate", "BufferFromPyval", "Transfer", "Memcpy", "cuStream", "cuLaunch", "cuda")):
+        return "runtime"
+    return "kernel"
+
+
+def _thread_label(name: str) -> str:
+    """``tf_XLAEigen/7681918819057525880`` -> ``XLAEigen`` (numbered later if repeated)."""
+    base = name.split("/")[0] if "/" in name and name.split("/")[-1].lstrip("-").isdigit() else name
+    return base.removeprefix("tf_") or "?"
+
+
+def trace_events(path: str | os.PathLike, step_name: str = "train", python: bool = False) -> list[TraceEvent]:
+    """The complete (``"ph": "X"``) events of a Chrome/Perfetto JSON trace, one
+    :class:`TraceEvent` each, sorted by thread and start time.
+
+    Threads are named from the trace's ``thread_name`` metadata (numeric suffixes dropped,
+    repeated names numbered: ``XLAEigen #1``, ``XLAEigen #2``; a process's threads are
+    prefixed by its name when the trace has several processes, e.g. a GPU's streams).
+    Thread-pool bookkeeping events are left out, and Python function events unless
+    ``python``. Times are milliseconds since the trace's first kept event.
+    """
+    raw = _load_trace(path)
+    thread_names: dict[tuple[Any, Any], str] = {}
+    sort_index: dict[tuple[Any, Any], float] = {}
+    process_names: dict[Any, str] = {}
+    for e in raw:
+        if e.get("ph") != "M":
+            continue
+        key = (e.get("pid"), e.get("tid"))
+        args = e.get("args") or {}
+        if e.get("name") == "thread_name":
+            thread_names[key] = str(args.get("name", "?"))
+        elif e.get("name") == "thread_sort_index":
+            sort_index[key] = float(args.get("sort_index", 0))
+        elif e.get("name") == "process_name":
+            process_names[e.get("pid")] = str(args.get("name", "?"))
+    kept: list[tuple[tuple[Any, Any], str, float, float, str]] = []
+    for e in raw:
+        if e.get("ph") != "X" or "dur" not in e or "ts" not in e:
+            continue
+        name = str(e.get("name", "?"))
+        category = _category(name, step_name)
+        if category is None or (category == "python" and not python):
+            continue
+        kept.append(((e.get("pid"), e.get("tid")), name, float(e["ts"]), float(e["dur"]), category))
+    if not kept:
+        return []
+    t0 = min(k[2] for k in kept)
+    keys = sorted({k[0] for k in kept}, key=lambda key: (str(key[0]), sort_index.get(key, math.inf), str(key[1])))
+    several = len({key[0] for key in keys}) > 1
+    labels: dict[tuple[Any, Any], str] = {}
+    counts: dict[str, int] = {}
+    for key in keys:
+        base = _thread_label(thread_names.get(key, f"thread {key[1]}"))
+        if several:
+            base = f"{process_names.get(key[0], key[0])}: {base}"
+        counts[base] = counts.get(base, 0) + 1
+        labels[key] = base
+    seen: dict[str, int] = {}
+    for key in keys:
+        base = labels[key]
+        if counts[base] > 1:
+            seen[base] = seen.get(base, 0) + 1
+            labels[key] = f"{base} #{seen[base]}"
+    out: list[TraceEvent] = []
+    order = {key: i for i, key in enumerate(keys)}
+    kept.sort(key=lambda k: (order[k[0]], k[2], -k[3]))
+    stack: list[float] = []
+    current = None
+    for key, name, ts, dur, category in kept:
+        if key != current:
+            current, stack = key, []
+        while stack and stack[-1] <= ts:
+            stack.pop()
+        out.append(TraceEvent(labels[key], name, (ts - t0) / 1e3, dur / 1e3, category,
+                              0 if category == "step" else len(stack)))
+        if category != "step":  # steps shade the background; the depth counts the events inside them
+            stack.append(ts + dur)
+    return out
+
+
+def trace_threads(events: Sequence[TraceEvent]) -> list[dict[str, Any]]:
+    """Per thread (in the order of ``events``): milliseconds inside top-level events (the
+    thread's busy time, steps left out), and the number and total milliseconds of its
+    kernel events."""
+    rows: dict[str, dict[str, Any]] = {}
+    for e in events:
+        row = rows.setdefault(e.thread, {"thread": e.thread, "busy ms": 0.0, "kernels": 0, "kernel ms": 0.0})
+        if e.category == "step":
+            continue
+        if e.depth == 0:
+            row["busy ms"] += e.dur_ms
+        if e.category == "kernel":
+            row["kernels"] += 1
+            row["kernel ms"] += e.dur_ms
+    return list(rows.values())
+
+
+def plot_trace(events: Sequence[TraceEvent], info: Any = None, title: str | None = None,
+               lanes: int = 3, window: tuple[float, float] | None = None):
+    """A timeline (Gantt chart) of a profiler trace: one row per thread, time to the right,
+    each event a bar coloured by its category. Nested events are drawn in thinner lanes
+    under their parent (at most ``lanes`` levels; deeper ones share the last lane). The
+    steps (``step`` events) shade the background, so each step's work lines up across the
+    threads. ``window`` crops the time axis (ms)."""
+    from matplotlib.patches import Patch
+
+    from scalelab import plot
+
+    events = list(events)
+    if not events:
+        raise ValueError("no trace events to plot")
+    if lanes < 1:
+        raise ValueError(f"lanes must be >= 1, got {lanes}")
+    threads = list(dict.fromkeys(e.thread for e in events))
+    fig, ax = plot.figure(width=9.5, height=1.2 + 0.42 * len(threads))
+    steps = sorted((e for e in events if e.category == "step"), key=lambda e: e.start_ms)
+    for i, s in enumerate(steps):
+        ax.axvspan(s.start_ms, s.end_ms, color="0.93" if i % 2 == 0 else "0.86", zorder=0)
+        ax.text(s.start_ms, -0.75, f"step {i}", fontsize=7, color="0.35", va="bottom")
+    lane_h = 0.8 / lanes
+    by_cat: dict[str, list[tuple[float, float, float]]] = {}
+    for e in events:
+        if e.category == "step":
+            continue
+        row = threads.index(e.thread)
+        lane = min(e.depth, lanes - 1)
+        y = row - 0.4 + lane * lane_h
+        by_cat.setdefault(e.category, []).append((e.start_ms, max(e.dur_ms, 1e-3), y))
+    for cat, bars in by_cat.items():
+        colour = TRACE_CATEGORIES[cat][1]
+        for y in sorted({b[2] for b in bars}):
+            ax.broken_barh([(b[0], b[1]) for b in bars if b[2] == y], (y, lane_h * 0.92),
+                           facecolors=colour, edgecolor="none")
+    ax.set_yticks(range(len(threads)), threads, fontsize=8)
+    ax.set_ylim(len(threads) - 0.4, -0.8)
+    if window is not None:
+        ax.set_xlim(*window)
+    elif steps:
+        ax.set_xlim(steps[0].start_ms - 0.02 * (steps[-1].end_ms - steps[0].start_ms), steps[-1].end_ms * 1.01)
+    ax.set_xlabel("ms since the trace started")
+    used = [c for c in TRACE_CATEGORIES if c in by_cat or (c == "step" and steps)]
+    fig.legend(handles=[Patch(color=TRACE_CATEGORIES[c][1], label=TRACE_CATEGORIES[c][0]) for c in used],
+               loc="outside upper center", ncols=min(3, len(used)), fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10, loc="left")
+    plot.label(fig, info)
+    return fig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -923,6 +1139,28 @@ def pipeline_utilisation(source: Any, augment: Any, load: Callable[[Any], Any], 
     return runs
 
 
+def cpu_by_stage(run: PipelineRun, stage: str = "compute", interval: float = 0.025,
+                 threshold: float = 0.5) -> dict[str, float]:
+    """Mean host CPU (cores, this process + its workers) over the readings taken while
+    ``stage`` ran and over the others.
+
+    A reading covers the ``interval`` before it; it counts as "during ``stage``" when events
+    of that stage cover at least ``threshold`` of its window. ``nan`` where no reading
+    qualifies."""
+    events = run.timeline.events
+    if not events or not run.samples:
+        raise ValueError(f"the run {run.name!r} has no events or no samples")
+    t_first = events[0].start
+    inside, outside = [], []
+    for s in run.samples:
+        end = t_first + run.offset + s.t
+        cores = (s.process_cpu + (s.children_cpu or 0.0)) / 100
+        (inside if busy_fraction(run.timeline, stage, end - interval, end) >= threshold else outside).append(cores)
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {"during": mean(inside), "otherwise": mean(outside), "readings_during": len(inside),
+            "readings_otherwise": len(outside)}
+
+
 def plot_utilisation(runs: dict[str, PipelineRun], info: Any = None):
     """Side by side, one column per run: chapter 04's stage timeline above, the host CPU
     (this process + its worker processes, in cores) below, on the same time axis."""
@@ -1016,6 +1254,127 @@ class CompiledStep:
     def __call__(self) -> jax.Array:
         self.state, metrics = self._compiled(self.state, self.x, self.y)
         return metrics["loss"]
+
+
+# --------------------------------------------------------------------------- utilisation (MFU, HFU)
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicePeak:
+    """The peak FLOP/s a utilisation is measured against, and where it comes from.
+
+    ``estimated`` is True for a CPU (:func:`scalelab.hardware.estimate_peak`: cores x clock x
+    FLOPs per cycle, an estimate, not a published figure) and False for a published spec
+    (:data:`scalelab.hardware.SPECS`). ``flops`` is None where neither is known.
+    """
+
+    device: str
+    dtype: str
+    flops: float | None
+    estimated: bool
+    source: str
+
+
+#: Substrings of a JAX ``device_kind`` (lower case) and the spec they stand for. The SXM
+#: figures are used for any form factor (PCIe parts run lower clocks: their peak is lower).
+SPEC_FOR_DEVICE_KIND: tuple[tuple[str, str], ...] = (
+    ("h200", "NVIDIA H200 SXM"), ("h100", "NVIDIA H100 SXM"), ("a100", "NVIDIA A100 SXM 80GB"),
+    ("b200", "NVIDIA B200 (HGX)"), ("v100", "NVIDIA V100 SXM2"), ("v6", "TPU v6e (Trillium)"),
+    ("v5 lite", "TPU v5e"), ("v5e", "TPU v5e"), ("v5p", "TPU v5p"), ("v4", "TPU v4"),
+)
+
+
+def device_peak(device: Any = None, dtype: str = "float32") -> DevicePeak:
+    """The peak FLOP/s of ``device`` (default: the first local one) for matmuls in ``dtype``
+    at JAX's default precision.
+
+    - CPU: :func:`scalelab.hardware.estimate_peak` of this processor (all the cores this
+      process may use: XLA's CPU backend spreads a program over them, also when the
+      devices are simulated); float32, or its bf16 figure for 16-bit types;
+    - GPU/TPU: the published spec whose name matches the device kind
+      (:data:`SPEC_FOR_DEVICE_KIND`); float32 at default precision is TF32 on NVIDIA
+      tensor cores (Ampere and later) and one bfloat16 pass on TPUs, so those peaks apply.
+    """
+    from scalelab import hardware
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    device = device if device is not None else jax.local_devices()[0]
+    kind = str(getattr(device, "device_kind", device.platform))
+    if device.platform == "cpu":
+        est = hardware.estimate_peak(hardware.cpu_info())
+        flops = est.fp32 if dtype == "float32" else (est.bf16 or est.fp32)
+        return DevicePeak(kind, dtype, flops, True,
+                          f"estimate: {est.cores} cores x {est.clock_ghz or 0:.2f} GHz ({est.clock_source}) x "
+                          f"{est.flops_per_cycle_fp32} float32 FLOPs/cycle ({est.microarchitecture})"
+                          + ("" if dtype == "float32" else ", 16-bit rate"))
+    lower = kind.lower()
+    for needle, name in SPEC_FOR_DEVICE_KIND:
+        if needle in lower:
+            spec = next(s for s in hardware.SPECS if s.name == name)
+            if dtype == "float32" and device.platform == "gpu":
+                flops, what = spec.peak_tf32 or spec.peak_fp32, "TF32 dense" if spec.peak_tf32 else "fp32"
+            else:
+                flops, what = spec.peak_16bit, "16-bit dense"
+            return DevicePeak(kind, dtype, flops, False, f"published spec of {name} ({what}): {spec.source}")
+    return DevicePeak(kind, dtype, None, False, f"no spec listed for {kind!r}")
+
+
+def utilisation(flops_per_step: float, step_s: float, peak_flops: float) -> float:
+    """FLOPs per step / seconds per step / peak FLOP/s. With the model's FLOPs this is the
+    **MFU** (model FLOP utilisation); with the FLOPs the hardware executed (recomputation
+    included) it is the **HFU** (hardware FLOP utilisation)."""
+    for name, value in (("flops_per_step", flops_per_step), ("step_s", step_s), ("peak_flops", peak_flops)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return flops_per_step / step_s / peak_flops
+
+
+def scanned_flops(variant: str, depth: int, width: int, batch: int) -> dict[str, Any]:
+    """FLOPs of one gradient step of the chapter-10 deep MLP (layers in ``lax.scan``) under
+    remat ``variant``, from XLA's cost analysis.
+
+    XLA's cost analysis counts a while loop's body **once**, whatever its trip count (a
+    scanned model of 2 x ``depth`` layers reports the same FLOPs as one of ``depth``).
+    The step is compiled at both depths: where the counts agree, the FLOPs of the step are
+    ``depth`` x the count (exact for the layers; the few operations outside the loop, the
+    loss's mean, are counted ``depth`` times too, an error of about 1 / (6 x width)); where
+    they differ, the backend counted every iteration and the count is used as it is.
+    """
+    count = memory.flops_of(memory.grad_fn(variant).lower(*memory.shapes(depth, width, batch)).compile())
+    deeper = memory.flops_of(memory.grad_fn(variant).lower(*memory.shapes(2 * depth, width, batch)).compile())
+    once = math.isclose(count, deeper, rel_tol=1e-9)
+    return {"variant": variant, "depth": depth, "counted": count, "counted_at_twice_the_depth": deeper,
+            "body_counted_once": once, "flops": count * depth if once else count}
+
+
+def remat_utilisation(depth: int, width: int, batch: int, repeat: int = 5,
+                      peak: DevicePeak | None = None) -> dict[str, Any]:
+    """MFU and HFU of the chapter-10 deep MLP's gradient step without remat and with
+    per-layer remat (``jax.checkpoint`` on every layer), timed in turns.
+
+    The model's FLOPs are those of the step without remat; the remat step executes more
+    (each layer's forward again during the backward pass). MFU divides the model's FLOPs by
+    the step time and the peak; HFU divides what the hardware executed."""
+    peak = peak or device_peak()
+    if not peak.flops:
+        raise ValueError(f"no peak FLOP/s for {peak.device}: {peak.source}")
+    ws, x = memory.init(depth, width, batch)
+    steps = {v: memory.grad_fn(v).lower(ws, x).compile() for v in ("none", "full")}
+    flops = {v: scanned_flops(v, depth, width, batch)["flops"] for v in steps}
+    times = time_round_robin([lambda c=c: c(ws, x) for c in steps.values()], repeat=repeat)
+    t = {v: min(ts) for v, ts in zip(steps, times, strict=True)}
+    model = flops["none"]
+    return {
+        "depth": depth, "width": width, "batch": batch, "repeat": repeat,
+        "model_flops": model, "remat_flops": flops["full"], "recompute_ratio": flops["full"] / model,
+        "analytic_model_flops": 6 * batch * width * width * depth,
+        "step_s": t["none"], "remat_step_s": t["full"], "slowdown": t["full"] / t["none"],
+        "mfu": utilisation(model, t["none"], peak.flops),
+        "remat_mfu": utilisation(model, t["full"], peak.flops),
+        "remat_hfu": utilisation(flops["full"], t["full"], peak.flops),
+        "peak_flops": peak.flops, "peak_estimated": peak.estimated, "peak_source": peak.source,
+    }
 
 
 # --------------------------------------------------------------------------- the linear model
@@ -1169,9 +1528,9 @@ def plot_prediction(result: dict[str, Any], info: Any = None):
 class Price:
     """An on-demand list price per accelerator-hour, with where and when it was read.
 
-    We could not open the vendors' pages ourselves: each price is taken from a public
-    record (``transcribed_by``) that copied it from the vendor's page (``vendor_url``) on
-    ``read_on``. Prices change; check the vendor's page before spending money.
+    Each price is the one a public, dated record (``transcribed_by``) copied from the
+    vendor's page (``vendor_url``) on ``read_on``. Prices change; check the vendor's page
+    before spending money.
     """
 
     name: str
@@ -1284,7 +1643,13 @@ def overhead_experiment(quick: bool = False, interval: float = 0.1) -> Overhead:
 # The full-size run the mini version stands in for (for the cost estimate): the MLP of
 # the mini runs widened 16x (8192 units), 90 epochs of an ImageNet-sized 1.28M examples.
 FULL_RUN = {"hidden": 8192, "batch": 1024, "examples": 1_281_167, "epochs": 90}
-ASSUMED_MFU = 0.4
+#: The MFU PaLM 540B reached on TPU v4 (Chowdhery et al. 2022, https://arxiv.org/abs/2204.02311,
+#: section 4.1 / table 3): a well-tuned large-model reference point, not a measurement here.
+PALM_MFU = 0.462
+#: PaLM 540B's hardware FLOP utilisation (rematerialisation included), same source.
+PALM_HFU = 0.578
+#: (depth, width, batch) of the MFU-vs-HFU experiment (the chapter-10 deep MLP), by quick mode
+REMAT_SIZES = {True: (4, 512, 512), False: (8, 512, 512)}
 # (small batch sizes, larger batch size) of the prediction experiment, by quick mode
 PREDICTION_SIZES = {True: ((32, 64, 128, 256), 1024), False: ((64, 128, 256, 512), 2048)}
 
@@ -1297,13 +1662,29 @@ def full_run_flops(spec: dict[str, int] | None = None, features: int = 64) -> di
     return {**spec, "flops_per_step": per_step, "steps": steps, "total_flops": per_step * steps}
 
 
+def measured_mfu(pred: dict[str, Any], peak: DevicePeak | None = None) -> dict[str, Any]:
+    """The MFU of the prediction experiment's larger measured step (model FLOPs from XLA /
+    its best time / this device's peak); ``usable`` is it clipped to (0, 1] for
+    :func:`estimate_run` (above 1 only if the peak is underestimated)."""
+    peak = peak or device_peak()
+    if not peak.flops:
+        raise ValueError(f"no peak FLOP/s for {peak.device}: {peak.source}")
+    value = utilisation(pred["target_flops"], pred["measured_s"], peak.flops)
+    return {"mfu": value, "usable": min(value, 1.0), "peak_flops": peak.flops, "peak_estimated": peak.estimated,
+            "peak_source": peak.source}
+
+
 def bench_monitor(quick: bool = False) -> dict[str, Any]:
-    """Benchmark ``monitor``: the sampler's overhead on a training step, and the error of a
-    step-time prediction made from small runs, checked on a larger measured run."""
+    """Benchmark ``monitor``: the sampler's overhead on a training step, the error of a
+    step-time prediction made from small runs (checked on a larger measured run), the MFU
+    of that run, MFU vs HFU with remat, and the cost of the full run at the measured MFU."""
     start = time.perf_counter()
     overhead = overhead_experiment(quick)
     sizes, target = PREDICTION_SIZES[quick]
     pred = prediction_experiment(sizes, target, repeat=7 if quick else 11)
+    peak = device_peak()
+    mfu = measured_mfu(pred, peak) if peak.flops else None
+    remat = remat_utilisation(*REMAT_SIZES[quick], repeat=5 if quick else 9, peak=peak) if peak.flops else None
     full = full_run_flops()
     return {
         "sampler_overhead_fraction": overhead.fraction,
@@ -1312,9 +1693,15 @@ def bench_monitor(quick: bool = False) -> dict[str, Any]:
         "overhead": overhead.as_dict(),
         "prediction_error_fraction": abs(pred["prediction_error"]),
         "prediction": pred,
+        "measured_mfu": mfu["mfu"] if mfu else None,
+        "peak_flops": peak.flops, "peak_estimated": peak.estimated, "peak_source": peak.source,
+        "remat_mfu": remat["remat_mfu"] if remat else None,
+        "remat_hfu": remat["remat_hfu"] if remat else None,
+        "remat": remat,
         "full_run": full,
-        "assumed_mfu": ASSUMED_MFU,
-        "cost_estimates": cost_table(full["total_flops"], ASSUMED_MFU),
+        "cost_mfu": mfu["usable"] if mfu else PALM_MFU,
+        "cost_estimates": cost_table(full["total_flops"], mfu["usable"] if mfu else PALM_MFU),
+        "cost_estimates_at_palm_mfu": cost_table(full["total_flops"], PALM_MFU),
         "device_memory_reported": device_memory() is not None,
         "nvml_available": gpu_utilization_reader() is not None,
         "monitor_s": time.perf_counter() - start,
@@ -1322,11 +1709,13 @@ def bench_monitor(quick: bool = False) -> dict[str, Any]:
 
 
 __all__ = [
-    "ASSUMED_MFU", "FIELDS", "FULL_RUN", "PREDICTION_SIZES", "PRICES", "CompiledStep", "LinearFit", "LivePlot", "Overhead",
-    "PipelineRun", "Price", "Sample", "Sampler", "StepRecord", "StepTimer", "bench_monitor", "busy_fraction",
-    "cost_table", "device_memory", "estimate_run", "fit_linear", "full_run_flops", "gpu_utilization_reader",
-    "interactive", "load_samples", "measure_overhead", "mini_model", "overhead_experiment", "peak_flops",
-    "pipeline_utilisation", "plot_prediction", "plot_samples", "plot_step_breakdown", "plot_utilisation",
-    "prediction_experiment", "price", "price_table", "profile_steps", "relative_error", "repeat_steps",
-    "save_samples", "slow_input", "steps_for", "summarize", "time_round_robin", "trace_files", "trace_summary",
+    "FIELDS", "FULL_RUN", "PALM_HFU", "PALM_MFU", "PREDICTION_SIZES", "PRICES", "REMAT_SIZES", "SPEC_FOR_DEVICE_KIND",
+    "TRACE_CATEGORIES", "CompiledStep", "DevicePeak", "LinearFit", "LivePlot", "Overhead", "PipelineRun", "Price",
+    "Sample", "Sampler", "StepRecord", "StepTimer", "TraceEvent", "bench_monitor", "busy_fraction", "cost_table", "cpu_by_stage",
+    "device_memory", "device_peak", "estimate_run", "fit_linear", "full_run_flops", "gpu_utilization_reader",
+    "interactive", "load_samples", "measure_overhead", "measured_mfu", "mini_model", "overhead_experiment",
+    "peak_flops", "pipeline_utilisation", "plot_prediction", "plot_samples", "plot_step_breakdown", "plot_trace",
+    "plot_utilisation", "prediction_experiment", "price", "price_table", "profile_steps", "relative_error",
+    "remat_utilisation", "repeat_steps", "save_samples", "scanned_flops", "slow_input", "steps_for", "summarize",
+    "time_round_robin", "trace_events", "trace_files", "trace_summary", "trace_threads", "utilisation",
 ]
