@@ -358,3 +358,89 @@ def test_mixed_hostile_load_no_5xx_right_answers_bounded_memory(hostile_server, 
     assert [a["status"] for a in answers[:5]] == [413] * 4 + [408]
     # stated bound: 4 concurrent oversized uploads (1 MB limit each) grow the server by < 64 MB, not 400 MB
     assert peak[0] - base < 64 * 2**20, (peak[0] - base) / 2**20
+
+
+def test_int8_predictor_reuses_the_chapter_11_quantiser_and_stays_close(model, predictor):
+    from scalelab import precision
+
+    q8 = serve.Int8Predictor(model["params"], max_batch=16)
+    assert q8.buckets[0] == 2 and q8.buckets[-1] == 16  # one row is padded to two
+    kernel, _ = serve.mlp_layers(model["params"])[0]
+    q = precision.quantize_per_channel(kernel)
+    np.testing.assert_array_equal(np.asarray(q8.weights[0][0]), np.asarray(q.q).T)
+    assert q8.weight_bytes < 0.3 * predictor.weight_bytes
+    x = np.random.default_rng(7).random((5, 64), np.float32)
+    out = q8(x)
+    assert out.shape == (5, predictor.classes)
+    np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out, predictor(x), atol=0.02)
+    np.testing.assert_allclose(q8(x[:1]), out[:1], atol=1e-6)  # padding does not change a row's answer
+
+
+def test_phase_breakdown_and_saturation_rule():
+    before = {"requests": 10, "parse_s": 0.1, "queue_s": 0.0, "model_s": 1.0, "encode_s": 0.05}
+    after = {"requests": 20, "parse_s": 0.2, "queue_s": 0.5, "model_s": 2.0, "encode_s": 0.1}
+    assert serve.phase_breakdown(before, after) == pytest.approx({"parse": 10.0, "queue": 50.0, "model": 100.0,
+                                                                  "encode": 5.0})
+    with pytest.raises(ValueError, match="no request"):
+        serve.phase_breakdown(before, before)
+    point = {"achieved_rps": 95.0, "sent_rps": 100.0, "timed_out": 0}
+    assert not serve.saturated(point)
+    assert serve.saturated({**point, "achieved_rps": 80.0}) and serve.saturated({**point, "timed_out": 1})
+
+
+def test_open_loop_keeps_its_schedule_and_counts_the_queue(model):
+    cfg = serve.ServerConfig(str(model["exported"]), max_batch=16)
+    with serve.ServerProcess(cfg) as server:
+        r = serve.open_loop(server.url, 200, duration_s=1.0, seed=3)
+        assert r["answered"] == r["requests"] > 100 and r["status_5xx"] == 0 and r["timed_out"] == 0
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and not serve.saturated(r)
+        assert r["sent_rps"] == r["requests"] / 1.0
+        m = serve.measured_load(server.url, requests=100, concurrency=4)
+        assert set(m["phases_ms"]) == set(serve.PHASES) and all(v >= 0 for v in m["phases_ms"].values())
+        assert m["phases_ms"]["model"] > 0 and m["mean_batch_rows"] >= 1
+        sweep = serve.open_loop_sweep(server.url, [400, 100], duration_s=0.5)
+        assert [p["offered_rps"] for p in sweep][:1] == [100]  # in increasing order
+
+
+def test_the_open_loop_charges_a_stalled_server_from_the_scheduled_time():
+    """A fake server that answers after 50 ms but only one request at a time: offered 60/s it
+    cannot keep up (capacity 20/s), and latencies measured from the schedule grow with the backlog."""
+    import socketserver
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        lock = threading.Lock()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            with self.lock:
+                time.sleep(0.05)
+            body = b'{"ok": 1}'
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    srv = Server(("127.0.0.1", 0), Slow)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        r = serve.open_loop(f"http://127.0.0.1:{srv.server_address[1]}", 60, duration_s=1.0, timeout=20)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert serve.saturated(r) and r["achieved_rps"] < 25
+    assert r["p99_ms"] > 1000  # the backlog, not the 50 ms service time
+
+
+def test_cold_start_phases_are_all_measured(model):
+    phases = serve.cold_start_phases(model["exported"])
+    assert list(phases) == list(serve.COLD_PHASES) and all(v >= 0 for v in phases.values())
+    assert phases["import numpy + jax"] > phases["second prediction"]
