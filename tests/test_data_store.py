@@ -186,3 +186,202 @@ def test_parallel_read_benchmark_rows(tmp_path):
     assert table[0]["shared file vs 1 reader"] == 1.0 and len(table) == 2
     assert "1, 2 readers" in data.plot_parallel(res).get_supxlabel()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- corruption never reads back silently
+
+LAYOUTS = {"contiguous": data.Layout(), "chunked": data.Layout(8), "lzf": data.Layout(8, "lzf"),
+           "gzip": data.Layout(8, "gzip")}
+
+
+def _flip(path, offset, mask=0xFF):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= mask
+    path.write_bytes(bytes(raw))
+
+
+def _patch_store(tmp_path, layout, rows=40):
+    x = data.photo_patches(rows, 4)  # 48-byte rows
+    return x, data.write_store(tmp_path / "s.h5", {"x": x, "y": np.arange(rows, dtype=np.int32)}, "p",
+                               layout=layout)
+
+
+@pytest.mark.parametrize("kind", list(LAYOUTS))
+def test_flipped_byte_in_a_chunk_is_refused_on_read(tmp_path, kind):
+    x, path = _patch_store(tmp_path, LAYOUTS[kind])
+    with h5py.File(path, "r") as f:
+        ds = f["x"]
+        if ds.chunks:
+            info = ds.id.get_chunk_info(2)  # chunk 2 = rows 16:24
+            offset = info.byte_offset + info.size // 2
+        else:
+            offset = ds.id.get_offset() + 20 * x[0].nbytes + 7  # a byte of row 20
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["x"][...], x)
+    _flip(path, offset)
+    where = {"contiguous": "row 20", "gzip": "chunk 2 (rows 16:24)"}.get(kind, "(chunk 2: rows 16:24)")
+    with data.Store(path) as store:
+        with pytest.raises(data.StoreError) as err:
+            store.read(0, len(store))
+        message = str(err.value)
+        assert str(path) in message and "dataset 'x'" in message and where in message, message
+        if kind == "gzip":  # zlib's own check fails first; HDF5's OSError is kept as the cause
+            assert isinstance(err.value.__cause__, OSError) and "HDF5 cannot read" in message
+        else:
+            assert "CRC-32" in message
+        with pytest.raises(data.StoreError, match="dataset 'x'"):
+            store.row(20, "x")
+        np.testing.assert_array_equal(store.read(0, 16)["x"], x[:16])  # other chunks still read
+        np.testing.assert_array_equal(store.read(0, 40, names=("y",))["y"], np.arange(40))
+        if kind in ("contiguous", "chunked"):  # without the check the damage reads back silently
+            assert not np.array_equal(store.read(16, 24, verify=False)["x"], x[16:24])
+    # the input pipeline's readers use the store's verifying reads
+    from scalelab import pipeline
+
+    with pytest.raises(data.StoreError, match="dataset 'x'"):
+        pipeline.HDF5Batches(path, 8, shuffle=False).read(2)
+    with pytest.raises(data.StoreError, match="dataset 'x'"):
+        pipeline.HDF5Records(path)[20]
+
+
+def test_damaged_row_checksums_are_refused(tmp_path):
+    _, path = _patch_store(tmp_path, data.Layout())
+    with h5py.File(path, "r") as f:
+        offset = f[f"{data.CRC_GROUP}/x"].id.get_offset() + 4 * 5  # the CRC of row 5
+    _flip(path, offset)
+    with data.Store(path) as store, pytest.raises(data.StoreError, match="row 5: 1 of the 40 rows"):
+        store.read(0, 40)
+
+
+def test_row_crc32_is_zlib_per_row():
+    import zlib
+
+    rng = np.random.default_rng(1)
+    for arr in (rng.random((5, 3, 2)), np.arange(7, dtype=np.int16), rng.integers(0, 255, (3, 4), np.uint8),
+                np.zeros((4, 0)), np.zeros((0, 3))):
+        expected = [zlib.crc32(np.ascontiguousarray(r).tobytes()) for r in arr]
+        assert data.row_crc32(arr).tolist() == expected and data.row_crc32(arr).dtype == np.uint32
+
+
+@pytest.mark.parametrize("kind", ["truncated", "superblock", "object header", "attribute", "chunk index"])
+def test_h5py_errors_become_store_errors(tmp_path, kind):
+    _, path = _patch_store(tmp_path, data.Layout(8, "gzip"))
+    if kind == "truncated":
+        for size in (100, path.stat().st_size // 2, path.stat().st_size - 1):
+            cut = tmp_path / f"cut{size}.h5"
+            cut.write_bytes(path.read_bytes()[:size])
+            with pytest.raises(data.StoreError, match="truncated or corrupt") as err:
+                data.Store(cut)
+            assert str(cut) in str(err.value) and err.value.__cause__ is not None
+        return
+    with h5py.File(path, "r") as f:
+        offset = {"superblock": lambda: 20,  # inside the (checksummed) superblock
+                  "object header": lambda: h5py.h5o.get_info(f["x"].id).addr + 12,
+                  "attribute": lambda: path.read_bytes().index(b'"dtype"') + 2,  # the schema's text
+                  "chunk index": lambda: None}[kind]()
+        chunk0 = f["x"].id.get_chunk_info(0).byte_offset
+    if kind == "chunk index":  # the chunk's address in HDF5's (checksummed) fixed-array index
+        raw = path.read_bytes()
+        offset = raw.index(int(chunk0).to_bytes(8, "little"), raw.index(b"FADB"))
+    _flip(path, offset)
+    with pytest.raises(data.StoreError) as err:
+        with data.Store(path) as store:
+            store.read(0, len(store))
+    assert str(path) in str(err.value) and err.value.__cause__ is not None, err.value
+    assert not isinstance(err.value.__cause__, data.StoreError)
+
+
+_SCAN = """
+import sys, numpy as np, pathlib
+from scalelab import data
+folder = pathlib.Path(sys.argv[1])
+arrays = {"x": np.random.default_rng(0).random((12, 3, 2)).astype(np.float32), "y": np.arange(12, dtype=np.int32)}
+layout = {"contiguous": data.Layout(), "gzip": data.Layout(4, "gzip"), "lzf": data.Layout(4, "lzf")}[sys.argv[2]]
+raw = data.write_store(folder / "s.h5", arrays, "scan", layout=layout).read_bytes()
+silent, other, refused = [], [], 0
+for offset in range(0, len(raw), 2):
+    damaged = bytearray(raw)
+    damaged[offset] ^= 0xFF
+    (folder / "d.h5").write_bytes(bytes(damaged))
+    try:
+        with data.Store(folder / "d.h5") as s:
+            got = s.read(0, len(s))
+            rows = [s.row(i, "x") for i in range(len(s))]
+            s.attrs
+        if not (all(np.array_equal(got[k], arrays[k]) for k in arrays)
+                and all(np.array_equal(r, arrays["x"][i]) for i, r in enumerate(rows))):
+            silent.append(offset)
+    except data.StoreError:
+        refused += 1
+    except Exception as exc:
+        other.append((offset, repr(exc)))
+print(len(raw), refused, silent, other)
+"""
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "gzip", "lzf"])
+def test_every_flipped_byte_is_refused_or_harmless(tmp_path, kind):
+    """Flip every other byte of a small store in turn: each read either raises StoreError or returns
+    the original data (the byte was padding or free space) — never other data, never another error.
+    In a child process, so that an HDF5 crash fails this test instead of the test run."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _SCAN, str(tmp_path), kind], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    size, refused, silent, other = run.stdout.strip().split(" ", 3)
+    assert other.endswith("[] []") or (silent, other) == ("[]", "[]"), run.stdout
+    assert int(refused) > int(size) // 4  # most bytes of a small file are metadata or data
+
+
+def test_attributes_must_agree_with_the_datasets(tmp_path):
+    arrays = _arrays()
+    cases = {
+        "dtype": (lambda f: (f.__delitem__("x"), f.create_dataset("x", data=arrays["x"].astype(np.float64))),
+                  "dataset 'x' has dtype float64, but the schema records float32"),
+        "row shape": (lambda f: (f.__delitem__("x"), f.create_dataset("x", data=arrays["x"].reshape(10, 12))),
+                      r"dataset 'x' has shape \(10, 12\), but the schema records rows of shape \(4, 3\)"),
+        "rows attribute": (lambda f: f.attrs.__setitem__("rows", 11),
+                           "dataset 'x' has 10 rows, but the attribute 'rows' records 11"),
+        "fewer rows": (lambda f: (f.__delitem__("y"), f.create_dataset("y", data=np.arange(8, dtype=np.int32))),
+                       "dataset 'y' has 8 rows, but the attribute 'rows' records 10"),
+        "missing dataset": (lambda f: f.__delitem__("y"),
+                            "the schema lists dataset 'y', but the file has no such dataset"),
+        "schema text": (lambda f: f.attrs.__setitem__("schema", data.text_attr("{not json")),
+                        "the attribute 'schema' is not valid JSON"),
+        "schema shape": (lambda f: f.attrs.__setitem__("schema", data.text_attr('{"x": 3}')),
+                         "the attribute 'schema' is not a schema"),
+        "rows type": (lambda f: f.attrs.__setitem__("rows", 2.5), "the attribute 'rows' is 2.5"),
+        "no rows": (lambda f: f.attrs.__delitem__("rows"), "the attribute 'rows' is missing"),
+        "checksum rows": (lambda f: (f.__delitem__(f"{data.CRC_GROUP}/x"),
+                                     f.create_dataset(f"{data.CRC_GROUP}/x", data=np.zeros(9, np.uint32))),
+                          r"the row checksums of dataset 'x' have shape \(9,\)"),
+    }
+    for name, (edit, message) in cases.items():
+        path = data.write_store(tmp_path / f"{name}.h5", arrays, "p")
+        with h5py.File(path, "r+") as f:
+            edit(f)
+        with pytest.raises(data.StoreError, match=message) as err:
+            data.Store(path)
+        assert str(path) in str(err.value), name
+
+
+def test_stores_without_row_checksums(tmp_path):
+    path = data.write_store(tmp_path / "s.h5", _arrays(), "p", row_checksums=False)
+    with pytest.raises(data.StoreError, match=r"no row checksums .* verify_reads=False"):
+        data.Store(path)
+    with data.Store(path, verify_reads=False, verify=True) as store:
+        np.testing.assert_array_equal(store.read(0, 10)["y"], np.arange(10))
+        with pytest.raises(ValueError, match="verify_reads=False"):
+            store.read(0, 10, verify=True)
+    with pytest.raises(ValueError, match="reserved"):
+        data.write_store(tmp_path / "r.h5", {data.CRC_GROUP: np.zeros(3)}, "p")
+
+
+def test_string_attributes_are_fixed_length(tmp_path):
+    """No variable-length strings: their bytes would sit in HDF5's global heap, which has no checksum."""
+    path = data.write_store(tmp_path / "s.h5", _arrays(), "provenance with ünïcode")
+    assert b"GCOL" not in path.read_bytes()
+    with data.Store(path) as store:
+        assert store.attrs["provenance"] == "provenance with ünïcode" and store.attrs["format"] == data.STORE_FORMAT

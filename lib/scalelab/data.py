@@ -209,11 +209,20 @@ def class_diversity(x: np.ndarray, y: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- HDF5 store
 
-STORE_FORMAT = "scalelab-store/1"
+STORE_FORMAT = "scalelab-store/2"
+CRC_GROUP = "_crc32"  # group holding one CRC-32 per row of every dataset (same name as the dataset)
+# HDF5 file-format versions of 1.10 and later: the superblock, object headers (and so the attributes)
+# and chunk indexes carry checksums, so HDF5 detects damaged metadata instead of parsing it
+# (the default, "earliest", writes structures without checksums). Readable by HDF5 >= 1.10.
+STORE_LIBVER = "v110"
 
 
 class StoreError(ValueError):
-    """A store file that exists but is not what was expected (schema, corruption)."""
+    """A store file that exists but is not what was expected (schema, corruption).
+
+    Errors raised by h5py/HDF5 while opening or reading a store are re-raised as a StoreError that
+    names the file, the dataset and the rows (and chunk) involved; the original is ``__cause__``.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,19 +262,36 @@ def _checksum(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def row_crc32(array: np.ndarray) -> np.ndarray:
+    """The CRC-32 (``zlib.crc32``) of the bytes of every row of ``array`` (its first dimension), as uint32.
+
+    A CRC-32 detects every change of up to 32 consecutive bits, so any flipped byte; a row is
+    checked on its own, so a random single-row read verifies only the row it reads.
+    """
+    import zlib
+
+    a = np.ascontiguousarray(array)
+    if a.ndim == 0:
+        raise ValueError("row_crc32 needs an array with a first (row) dimension")
+    rows = a.view(np.uint8).reshape(len(a), a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)))
+    return np.fromiter((zlib.crc32(r) for r in rows), dtype=np.uint32, count=len(rows))
+
+
 def schema_of(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, object]]:
     """Names, dtypes and per-row shapes of a set of arrays with a common first dimension."""
     return {k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])} for k, v in sorted(arrays.items())}
 
 
 def write_store(path, arrays: dict[str, np.ndarray], provenance: str, layout: Layout | None = None,
-                version: str = "1", checksum: bool = True) -> Path:
+                version: str = "1", checksum: bool = True, row_checksums: bool = True) -> Path:
     """Write arrays (same number of rows) to an HDF5 file atomically.
 
-    Attributes record the format, the dataset version, provenance, creation time, the
-    schema and (unless ``checksum=False``) a SHA-256 checksum per dataset. The file is written under a temporary
-    name in the same folder and renamed into place only when complete, so a crash never
-    leaves a half-written file at ``path``.
+    Attributes (fixed-length strings, see :func:`text_attr`) record the format, the dataset
+    version, provenance, creation time, the schema and (unless ``checksum=False``) a SHA-256 checksum per dataset (checked by
+    ``Store(..., verify=True)``: one full read). Unless ``row_checksums=False``, the group
+    ``_crc32`` holds one CRC-32 per row of every dataset, which :class:`Store` checks on every
+    read by default. The file is written under a temporary name in the same folder and renamed
+    into place only when complete, so a crash never leaves a half-written file at ``path``.
     """
     import datetime as dt
     import json
@@ -276,6 +302,8 @@ def write_store(path, arrays: dict[str, np.ndarray], provenance: str, layout: La
 
     if not arrays:
         raise ValueError("write_store needs at least one array")
+    if CRC_GROUP in arrays:
+        raise ValueError(f"the name {CRC_GROUP!r} is reserved for the row checksums")
     rows = {k: (np.asarray(v).shape[0] if np.asarray(v).ndim else None) for k, v in arrays.items()}
     if None in rows.values() or len(set(rows.values())) != 1:
         raise ValueError(f"all arrays need the same number of rows (first dimension), got {rows}")
@@ -289,17 +317,19 @@ def write_store(path, arrays: dict[str, np.ndarray], provenance: str, layout: La
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = STORE_FORMAT
-            f.attrs["version"] = version
-            f.attrs["provenance"] = provenance
-            f.attrs["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            f.attrs["schema"] = json.dumps(schema_of(arrays))
+        with h5py.File(tmp, "w", libver=STORE_LIBVER) as f:
+            f.attrs["format"] = text_attr(STORE_FORMAT)
+            f.attrs["version"] = text_attr(version)
+            f.attrs["provenance"] = text_attr(provenance)
+            f.attrs["created"] = text_attr(dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+            f.attrs["schema"] = text_attr(json.dumps(schema_of(arrays)))
             f.attrs["rows"] = next(iter(rows.values()))
             for name, arr in arrays.items():
                 ds = f.create_dataset(name, data=arr, **layout.h5_kwargs(arr.shape))
                 if checksum:
-                    ds.attrs["sha256"] = _checksum(arr)
+                    ds.attrs["sha256"] = text_attr(_checksum(arr))
+                if row_checksums:
+                    f[f"{CRC_GROUP}/{name}"] = row_crc32(arr)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -309,75 +339,260 @@ def write_store(path, arrays: dict[str, np.ndarray], provenance: str, layout: La
     return target
 
 
+def text_attr(value: str) -> np.bytes_:
+    """``value`` as a fixed-length UTF-8 string attribute.
+
+    h5py stores a Python ``str`` as a variable-length string, whose bytes live in the file's
+    *global heap*, a structure without a checksum in every HDF5 format version (a damaged length
+    there can make HDF5 loop or crash). A fixed-length string is kept in the attribute itself,
+    inside the object header, which the store's format version checksums. Read back, it is
+    ``bytes``: :attr:`Store.attrs` decodes it.
+    """
+    raw = value.encode("utf-8")
+    return np.array(raw, dtype=f"S{max(len(raw), 1)}")[()]
+
+
+def _text(value) -> object:
+    """An attribute value as read by h5py, with fixed-length strings decoded to ``str``."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value.item() if hasattr(value, "item") else value
+
+
+def _valid_schema(schema) -> bool:
+    return isinstance(schema, dict) and bool(schema) and all(
+        isinstance(name, str) and isinstance(spec, dict) and isinstance(spec.get("dtype"), str)
+        and isinstance(spec.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in spec["shape"])
+        for name, spec in schema.items())
+
+
 class Store:
     """Read access to a file written by :func:`write_store`.
+
+    On open the store checks what the file claims against what it holds: the format tag, the
+    schema (and ``schema`` if given), and every dataset's dtype, row shape and row count against
+    the schema and the ``rows`` attribute; a disagreement is refused with a StoreError.
+
+    ``verify_reads`` (default True): every :meth:`read` and :meth:`row` recomputes the CRC-32 of
+    each row it returns and compares it with the one stored at write time, so a damaged byte is
+    never returned silently; a file written with ``row_checksums=False`` is then refused (open it
+    with ``verify_reads=False`` to read it unverified). ``verify=True`` additionally checks every
+    dataset's SHA-256 at open (one full read). Any h5py/HDF5 error becomes a StoreError naming
+    the file, dataset and rows.
 
     Dataset handles are opened once and cached; :meth:`read` returns contiguous row
     slices (the fast path in HDF5). Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, path, schema: dict[str, dict[str, object]] | None = None,
-                 cache_bytes: int | None = None, verify: bool = False):
-        import json
-
+                 cache_bytes: int | None = None, verify: bool = False, verify_reads: bool = True):
         import h5py
 
         self.path = Path(path)
+        self.verify_reads = bool(verify_reads)
         if not self.path.exists():
             raise FileNotFoundError(f"no store at {self.path}")
         kwargs = {"rdcc_nbytes": cache_bytes, "rdcc_nslots": 10007} if cache_bytes else {}
         try:
             self._file = h5py.File(self.path, "r", **kwargs)
-        except OSError as exc:
-            raise StoreError(f"{self.path} is not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+        except Exception as exc:
+            raise StoreError(f"{self.path} is not a readable HDF5 file (truncated or corrupt?): {exc}") from exc
         try:
-            if self._file.attrs.get("format") != STORE_FORMAT:
-                raise StoreError(f"{self.path} is not a scalelab store (attribute format="
-                                 f"{self._file.attrs.get('format')!r}, expected {STORE_FORMAT!r})")
-            self.schema = json.loads(self._file.attrs["schema"])
-            if schema is not None and schema != self.schema:
-                raise StoreError(f"{self.path} has schema {self.schema}, expected {schema}")
-            self.rows = int(self._file.attrs["rows"])
-            self._datasets = {name: self._file[name] for name in self.schema}
+            self._check_file(schema)
             if verify:
                 self.verify()
-        except (OSError, KeyError) as exc:
+        except StoreError:
             self._file.close()
-            raise StoreError(f"{self.path} is damaged (truncated or corrupt?): {exc}") from None
+            raise
+        except Exception as exc:  # h5py/HDF5 errors from damaged metadata: OSError, RuntimeError, ...
+            self._file.close()
+            raise StoreError(f"{self.path} is damaged (truncated or corrupt?): "
+                             f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
             self._file.close()
             raise
 
+    def _check_file(self, schema) -> None:
+        """Check the file's attributes and datasets against each other; cache the dataset handles."""
+        import json
+
+        import h5py
+
+        attrs = self._file.attrs
+        fmt = _text(attrs.get("format"))
+        if fmt != STORE_FORMAT:
+            raise StoreError(f"{self.path} is not a scalelab store (attribute format={fmt!r}, "
+                             f"expected {STORE_FORMAT!r})")
+        for key in ("schema", "rows"):
+            if key not in attrs:
+                raise StoreError(f"{self.path}: the attribute {key!r} is missing")
+        try:
+            recorded = json.loads(_text(attrs["schema"]))
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{self.path}: the attribute 'schema' is not valid JSON ({exc})") from exc
+        if not _valid_schema(recorded):
+            raise StoreError(f"{self.path}: the attribute 'schema' is not a schema: {recorded!r}")
+        self.schema = recorded
+        if schema is not None and schema != self.schema:
+            raise StoreError(f"{self.path} has schema {self.schema}, expected {schema}")
+        rows = np.asarray(attrs["rows"])
+        if rows.ndim != 0 or rows.dtype.kind not in "iu" or int(rows) < 0:
+            raise StoreError(f"{self.path}: the attribute 'rows' is {_text(attrs['rows'])!r}, expected a "
+                             "non-negative integer")
+        self.rows = int(rows)
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._crc_sets: dict[str, h5py.Dataset] = {}
+        self._crc: dict[str, np.ndarray] = {}
+        for name, spec in self.schema.items():
+            ds = self._open_object(name)
+            if not isinstance(ds, h5py.Dataset):
+                raise StoreError(f"{self.path}: the schema lists dataset {name!r}, but the file has "
+                                 f"{'no such dataset' if ds is None else 'a group of that name'}")
+            if str(ds.dtype) != spec["dtype"]:
+                raise StoreError(f"{self.path}: dataset {name!r} has dtype {ds.dtype}, but the schema "
+                                 f"records {spec['dtype']}")
+            if ds.ndim == 0 or list(ds.shape[1:]) != spec["shape"]:
+                raise StoreError(f"{self.path}: dataset {name!r} has shape {ds.shape}, but the schema "
+                                 f"records rows of shape {tuple(spec['shape'])}")
+            if ds.shape[0] != self.rows:
+                raise StoreError(f"{self.path}: dataset {name!r} has {ds.shape[0]} rows, but the "
+                                 f"attribute 'rows' records {self.rows}")
+            self._datasets[name] = ds
+            if not self.verify_reads:
+                continue
+            crc = self._open_object(f"{CRC_GROUP}/{name}")
+            if not isinstance(crc, h5py.Dataset):
+                raise StoreError(f"{self.path}: dataset {name!r} has no row checksums (written with "
+                                 "row_checksums=False?); open it with verify_reads=False to read it "
+                                 "unverified")
+            if crc.shape != (self.rows,) or crc.dtype != np.uint32:
+                raise StoreError(f"{self.path}: the row checksums of dataset {name!r} have shape "
+                                 f"{crc.shape} and dtype {crc.dtype}, expected ({self.rows},) uint32")
+            self._crc_sets[name] = crc
+
+    def _open_object(self, name: str):
+        """The object at ``name``; None if there is no link of that name. A link whose object cannot be
+        opened (a damaged object header) is a StoreError, not a missing object."""
+        parent, _, leaf = name.rpartition("/")
+        if parent and (parent not in self._file):
+            return None
+        if leaf not in (self._file[parent] if parent else self._file):
+            return None
+        try:
+            return self._file[name]
+        except Exception as exc:
+            raise StoreError(f"{self.path}: {name!r} cannot be opened ({type(exc).__name__}: {exc}); "
+                             "the file is corrupt") from exc
+
     @property
     def attrs(self) -> dict[str, object]:
-        return {k: (v.item() if hasattr(v, "item") else v) for k, v in self._file.attrs.items()}
+        try:
+            return {k: _text(v) for k, v in self._file.attrs.items()}
+        except Exception as exc:
+            raise StoreError(f"{self.path}: the file's attributes cannot be read "
+                             f"({type(exc).__name__}: {exc})") from exc
 
     def __len__(self) -> int:
         return self.rows
 
-    def read(self, start: int, stop: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Rows ``start:stop`` of every dataset (or of ``names``)."""
+    def _dataset(self, name: str):
+        try:
+            return self._datasets[name]
+        except KeyError:
+            raise KeyError(f"{self.path} has no dataset {name!r}; it has {sorted(self._datasets)}") from None
+
+    def _where(self, name: str, start: int, stop: int) -> str:
+        """``rows a:b`` and, for a chunked dataset, the chunks they fall in."""
+        chunks = self._datasets[name].chunks
+        text = f"row {start}" if stop == start + 1 else f"rows {start}:{stop}"
+        if chunks and stop > start:
+            first, last = start // chunks[0], (stop - 1) // chunks[0]
+            lo, hi = first * chunks[0], min((last + 1) * chunks[0], self.rows)
+            if first == last and (lo, hi) == (start, stop):
+                return f"chunk {first} (rows {lo}:{hi})"
+            text += (f" (chunk {first}: rows {lo}:{hi})" if first == last
+                     else f" (chunks {first}..{last}: rows {lo}:{hi})")
+        return text
+
+    def _read_error(self, name: str, start: int, stop: int, exc: BaseException) -> StoreError:
+        """A StoreError for an h5py failure reading rows start:stop, narrowed to the first failing chunk."""
+        ds = self._datasets[name]
+        lo, hi = start, stop
+        if ds.chunks:
+            step = ds.chunks[0]
+            for c in range(start // step, (max(stop, start + 1) - 1) // step + 1):
+                a, b = max(c * step, start), min((c + 1) * step, stop)
+                try:
+                    ds[a:b]
+                except Exception:
+                    lo, hi = a, b
+                    break
+        return StoreError(f"{self.path}: dataset {name!r}, {self._where(name, lo, hi)}: HDF5 cannot read "
+                          f"them ({type(exc).__name__}: {exc}); the file is corrupt")
+
+    def _check_rows(self, name: str, start: int, block: np.ndarray) -> None:
+        """Compare the CRC-32 of each row of ``block`` (rows start:start+len) with the stored one."""
+        expected = self._crc.get(name)
+        if expected is None:
+            try:
+                expected = self._crc[name] = self._crc_sets[name][...]
+            except Exception as exc:
+                raise StoreError(f"{self.path}: the row checksums of dataset {name!r} cannot be read "
+                                 f"({type(exc).__name__}: {exc}); the file is corrupt") from exc
+        bad = np.flatnonzero(row_crc32(block) != expected[start:start + len(block)])
+        if bad.size:
+            first = start + int(bad[0])
+            raise StoreError(f"{self.path}: dataset {name!r}, {self._where(name, first, first + 1)}: "
+                             f"{bad.size} of the {len(block)} rows read ({start}:{start + len(block)}) "
+                             "do not match their CRC-32 checksums; the file is corrupt")
+
+    def read(self, start: int, stop: int, names: tuple[str, ...] | None = None,
+             verify: bool | None = None) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` of every dataset (or of ``names``), each row checked against its
+        CRC-32 unless ``verify`` (default: the store's ``verify_reads``) is False."""
         if not 0 <= start <= stop <= self.rows:
             raise IndexError(f"slice {start}:{stop} outside 0:{self.rows}")
-        names = names or tuple(self._datasets)
-        return {n: self._datasets[n][start:stop] for n in names}
+        check = self.verify_reads if verify is None else verify
+        if check and not self.verify_reads:
+            raise ValueError("this store was opened with verify_reads=False")
+        out = {}
+        for n in names or tuple(self._datasets):
+            ds = self._dataset(n)
+            try:
+                block = ds[start:stop]
+            except Exception as exc:
+                raise self._read_error(n, start, stop, exc) from exc
+            if check:
+                self._check_rows(n, start, block)
+            out[n] = block
+        return out
 
-    def row(self, index: int, name: str) -> np.ndarray:
-        """One row of one dataset (a random access)."""
+    def row(self, index: int, name: str, verify: bool | None = None) -> np.ndarray:
+        """One row of one dataset (a random access), checked against its CRC-32 like :meth:`read`."""
         if not 0 <= index < self.rows:
             raise IndexError(f"row {index} outside 0:{self.rows}")
-        return self._datasets[name][index]
+        check = self.verify_reads if verify is None else verify
+        if check and not self.verify_reads:
+            raise ValueError("this store was opened with verify_reads=False")
+        ds = self._dataset(name)
+        try:
+            value = ds[index]
+        except Exception as exc:
+            raise self._read_error(name, index, index + 1, exc) from exc
+        if check:
+            self._check_rows(name, index, np.asarray(value)[None])
+        return value
 
     def verify(self) -> None:
-        """Recompute every dataset's checksum; raise StoreError on a mismatch."""
+        """Recompute every dataset's SHA-256 (one full read); raise StoreError on a mismatch."""
         for name, ds in self._datasets.items():
             try:
                 data = ds[...]
-            except OSError as exc:
-                raise StoreError(f"{self.path}: dataset {name!r} cannot be read ({exc})") from None
+            except Exception as exc:
+                raise self._read_error(name, 0, self.rows, exc) from exc
             if "sha256" not in ds.attrs:
                 raise StoreError(f"{self.path}: dataset {name!r} was written without a checksum")
-            if _checksum(data) != ds.attrs["sha256"]:
+            if _checksum(data) != _text(ds.attrs["sha256"]):
                 raise StoreError(f"{self.path}: dataset {name!r} does not match its checksum")
 
     def close(self) -> None:
@@ -415,10 +630,10 @@ class _NpyReader:
         self._x = np.load(path, mmap_mode="r")
         self.rows = len(self._x)
 
-    def read(self, start, stop, names=None):
+    def read(self, start, stop, names=None, verify=None):
         return {"x": np.array(self._x[start:stop])}
 
-    def row(self, index, name):
+    def row(self, index, name, verify=None):
         return np.array(self._x[index])
 
     def close(self):
@@ -435,7 +650,7 @@ def _write_layout(path: Path, x: np.ndarray, layout: Layout | str) -> Path:
         os.replace(tmp, target)
         return target
     return write_store(path.with_suffix(".h5"), {"x": x}, provenance="storage benchmark",
-                       layout=layout, checksum=False)
+                       layout=layout, checksum=False)  # row checksums on, as by default
 
 
 def _open_layout(path: Path, layout: Layout | str, cache_bytes: int | None = None):
@@ -454,9 +669,14 @@ def measure_layout(x: np.ndarray, layout: Layout | str, folder, name: str = "dat
       epoch over every row (``random_read_tuned_epoch1_samples_per_s``, the cache filling),
       then ``random_reads`` rows of a *fresh* permutation (``random_read_tuned_samples_per_s``,
       a second epoch: the cache was not warmed on the indices it is timed on);
-    - random block read: contiguous blocks of ``block`` rows at random offsets.
+    - random block read: contiguous blocks of ``block`` rows at random offsets;
+    - for HDF5 layouts, the sequential and random single-row reads again with every row checked
+      against its CRC-32 (``seq_read_verified_samples_per_s``, ``random_read_verified_samples_per_s``:
+      the store's default). The unverified figures are the format's own cost, comparable with the
+      memory map (which has no checksums); a verified and an unverified pass alternate, so load on
+      the machine affects both alike.
 
-    The file was just written, so it is in the operating system's page cache: these are
+    The write includes computing the row checksums (the store's default). The file was just written, so it is in the operating system's page cache: these are
     format and decoding costs, not disk speed.
     """
     import time
@@ -469,24 +689,34 @@ def measure_layout(x: np.ndarray, layout: Layout | str, folder, name: str = "dat
     n = len(x)
     out: dict[str, float] = {"bytes": float(path.stat().st_size),
                              "write_bytes_per_s": x.nbytes / write_s}
+    hdf5 = isinstance(layout, Layout)
+    checks = (False, True) if hdf5 else (False,)
     reader = _open_layout(path, layout)
     try:
-        seq_s = []
+        seq_s: dict[bool, list[float]] = {c: [] for c in checks}
         for _ in range(3):  # best of three passes: one pass of a fast layout is short and noisy
-            start = time.perf_counter()
-            for lo in range(0, n, batch):
-                reader.read(lo, min(lo + batch, n))
-            seq_s.append(time.perf_counter() - start)
-        out["seq_read_samples_per_s"] = n / min(seq_s)
+            for check in checks:
+                start = time.perf_counter()
+                for lo in range(0, n, batch):
+                    reader.read(lo, min(lo + batch, n), verify=check)
+                seq_s[check].append(time.perf_counter() - start)
+        out["seq_read_samples_per_s"] = n / min(seq_s[False])
         idx = rng.integers(0, n, random_reads)
         start = time.perf_counter()
         for i in idx:
-            reader.row(int(i), "x")
+            reader.row(int(i), "x", verify=False)
         out["random_read_samples_per_s"] = random_reads / (time.perf_counter() - start)
+        if hdf5:
+            out["seq_read_verified_samples_per_s"] = n / min(seq_s[True])
+            idx = rng.integers(0, n, random_reads)  # other rows: not the ones just cached
+            start = time.perf_counter()
+            for i in idx:
+                reader.row(int(i), "x", verify=True)
+            out["random_read_verified_samples_per_s"] = random_reads / (time.perf_counter() - start)
         offsets = rng.integers(0, max(n - block, 0) + 1, max(random_reads // block, 4))
         start = time.perf_counter()
         for lo in offsets:
-            reader.read(int(lo), int(lo) + block)
+            reader.read(int(lo), int(lo) + block, verify=False)
         out["random_block_read_samples_per_s"] = len(offsets) * block / (time.perf_counter() - start)
     finally:
         reader.close()
@@ -496,13 +726,13 @@ def measure_layout(x: np.ndarray, layout: Layout | str, folder, name: str = "dat
             # epoch 1: every row once, in a shuffled order; the cache fills as chunks are touched
             start = time.perf_counter()
             for i in rng.permutation(n):
-                reader.row(int(i), "x")
+                reader.row(int(i), "x", verify=False)
             out["random_read_tuned_epoch1_samples_per_s"] = n / (time.perf_counter() - start)
             # epoch 2: a fresh permutation (not the indices that warmed the cache)
             idx2 = rng.permutation(n)[:random_reads]
             start = time.perf_counter()
             for i in idx2:
-                reader.row(int(i), "x")
+                reader.row(int(i), "x", verify=False)
             out["random_read_tuned_samples_per_s"] = len(idx2) / (time.perf_counter() - start)
         finally:
             reader.close()
@@ -752,9 +982,38 @@ def bench_storage(quick: bool = False) -> dict[str, object]:
         "row_bytes": 64 * 64 * 3,
         "raw_bytes": rows * 64 * 64 * 3,
         "layouts": layouts,
+        "verify": verify_cost(layouts),
         "parallel": parallel,
         "note": "files were in the OS page cache: format and decoding costs, not disk speed",
     }
+
+
+def verify_cost(layouts: dict[str, dict[str, float]]) -> dict[str, object]:
+    """Verified vs unverified read throughput per HDF5 layout (1.0 = verification is free)."""
+    checked = {k: m for k, m in layouts.items() if "seq_read_verified_samples_per_s" in m}
+    return {
+        "check": "CRC-32 of every row read, compared with the one stored at write time (Store's default)",
+        "seq_verified_vs_unverified": {k: m["seq_read_verified_samples_per_s"] / m["seq_read_samples_per_s"]
+                                       for k, m in checked.items()},
+        "random_verified_vs_unverified": {
+            k: m["random_read_verified_samples_per_s"] / m["random_read_samples_per_s"] for k, m in checked.items()},
+    }
+
+
+def verify_table(result: dict[str, object]) -> list[dict[str, object]]:
+    """One row per HDF5 layout: reads with and without the row checksums checked, and their ratio."""
+    rows = []
+    for name, m in result["layouts"].items():
+        if "seq_read_verified_samples_per_s" not in m:
+            continue
+        rows.append({"layout": name,
+                     "sequential (samples/s)": m["seq_read_samples_per_s"],
+                     "sequential, verified": m["seq_read_verified_samples_per_s"],
+                     "verified / not": m["seq_read_verified_samples_per_s"] / m["seq_read_samples_per_s"],
+                     "random rows (samples/s)": m["random_read_samples_per_s"],
+                     "random rows, verified": m["random_read_verified_samples_per_s"],
+                     "verified / not ": m["random_read_verified_samples_per_s"] / m["random_read_samples_per_s"]})
+    return rows
 
 
 STORAGE_METRICS = (
@@ -768,13 +1027,16 @@ STORAGE_METRICS = (
 
 
 def storage_table(result: dict[str, object]) -> list[dict[str, object]]:
-    """Rows for a table of a ``storage`` benchmark result."""
+    """Rows for a table of a ``storage`` benchmark result (reads unverified, plus the ``verify`` column:
+    verified / unverified sequential throughput; :func:`verify_table` has both access patterns)."""
     raw = float(result["raw_bytes"])
     rows = []
     for name, m in result["layouts"].items():
         row: dict[str, object] = {"layout": name, "size vs raw": m["bytes"] / raw}
         for key, label, scale in STORAGE_METRICS:
             row[label] = m[key] * scale if key in m else None
+        row["verify: sequential, verified / not"] = (m["seq_read_verified_samples_per_s"] / m["seq_read_samples_per_s"]
+                                                     if "seq_read_verified_samples_per_s" in m else None)
         rows.append(row)
     return rows
 
