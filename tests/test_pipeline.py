@@ -1,7 +1,13 @@
+import contextlib
 import multiprocessing
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -307,3 +313,281 @@ def test_workers_sweep_rows(store):
     rows = pl.workers_sweep(_source(store), _aug(), lambda x: x, pl.emulated_step(0), [0, 1], batches=6, skip=2)
     assert pl.steady_skip(2, 4) > 2 + 4
     assert [r["workers"] for r in rows] == [0, 1] and all(r["s_per_batch"] > 0 for r in rows)
+
+
+# --------------------------------------------------------------------------- dead and stuck workers
+
+
+class MarkedAugment(pl.Augment):
+    """Writes a marker file when a worker starts a batch, then sleeps ``hang`` seconds on the
+    batches in ``slow`` (all batches if empty): a busy worker the test can find and kill."""
+
+    def __init__(self, folder, hang=60.0, slow=(), exit_code=None, **kw):
+        super().__init__(**kw)
+        object.__setattr__(self, "folder", str(folder))
+        object.__setattr__(self, "hang", hang)
+        object.__setattr__(self, "slow", tuple(slow))
+        object.__setattr__(self, "exit_code", exit_code)
+
+    def __call__(self, images, epoch, batch):
+        Path(self.folder, f"{os.getpid()}-{batch}").touch()
+        if not self.slow or batch in self.slow:
+            if self.exit_code is not None:
+                os._exit(self.exit_code)
+            time.sleep(self.hang)
+        return super().__call__(images, epoch, batch)
+
+
+def _alive(pid):
+    """True while any thread of ``pid`` runs (the leader of a dying process turns zombie before
+    its other threads have exited and its files are closed, so every thread is looked at)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if Path("/proc/self/task").exists():
+        try:
+            states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return any(s not in ("Z", "X") for s in states)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for(predicate, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def _settle(folder, quiet=1.0):
+    """Wait until no worker has started a batch (written a marker) for ``quiet`` seconds."""
+    seen = {"n": -1, "since": time.monotonic()}
+
+    def settled():
+        n = len(list(folder.iterdir()))
+        if n != seen["n"]:
+            seen.update(n=n, since=time.monotonic())
+        return time.monotonic() - seen["since"] > quiet
+
+    _wait_for(settled)
+
+
+def _busy_pids(folder, pids):
+    """Worker pids that have started a batch (their marker file exists)."""
+    started = {int(p.name.split("-")[0]) for p in folder.iterdir()}
+    return [p for p in pids if p in started]
+
+
+def _kill_when(pipe, folder, pick, killed):
+    """In a thread: once ``pick(pipe, folder)`` names a pid, SIGKILL it and note when."""
+
+    def run():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pid = pick(pipe, folder) if pipe.worker_pids else None
+            if pid:
+                killed["pid"], killed["at"] = pid, time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_killed_busy_worker_is_named_at_once(store, tmp_path):
+    # class: a worker killed in the middle of a task -> WorkerDiedError at once, not a timeout
+    source = _source(store, shuffle=False)
+    aug = MarkedAugment(tmp_path, hang=60.0, crop=24, out=16, seed=5)
+    killed = {}
+    pipe = pl.Pipeline(source, aug, lambda x: x, workers=2, timeout=60)
+    it = iter(pipe)
+    t = _kill_when(pipe, tmp_path, lambda p, f: (_busy_pids(f, p.worker_pids) or [None])[0], killed)
+    with pytest.raises(pl.WorkerDiedError) as info:
+        next(it)
+    raised_at = time.monotonic()
+    t.join()
+    assert raised_at - killed["at"] < 3.0  # detected by the process sentinel, not a 60 s timeout
+    err = info.value
+    assert err.pid == killed["pid"] and err.signal == "SIGKILL" and err.exitcode == -9
+    assert err.batch in source.batches[:4]
+    assert str(err).startswith(f"worker {err.worker} (pid {err.pid}) died with signal SIGKILL "
+                               f"while producing batch {err.batch}")
+    assert pipe.worker_pids == [] and multiprocessing.active_children() == []  # the others were stopped
+    start = time.perf_counter()
+    pipe.close()
+    assert time.perf_counter() - start < 1.0
+
+
+def test_killed_idle_worker_fails_fast_and_iteration_resumes_exactly(store, tmp_path):
+    # class: a worker killed while idle (during an iteration, and between iterations) ->
+    # WorkerDiedError "while idle"; iterating again resumes at the same position with new workers
+
+    source = pl.HDF5Batches(store, batch_size=8)  # 40 batches: more than the queues hold
+    aug = MarkedAugment(tmp_path, slow=(-1,), crop=24, out=16, seed=5)  # marks each batch started, never slow
+    expected = _expected(source, aug)
+    for f in tmp_path.iterdir():
+        f.unlink()
+    with pl.Pipeline(source, aug, lambda x: x, workers=2, prefetch=2, timeout=60) as pipe:
+        it = iter(pipe)
+        got = [next(it)]
+        # the queues fill up, the producer waits for room, the workers have nothing to do
+        _settle(tmp_path)
+        assert len(list(tmp_path.iterdir())) < len(source)
+        pid = pipe.worker_pids[0]
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        time.sleep(0.5)  # the consumer computes meanwhile: the pipeline notices without it
+        with pytest.raises(pl.WorkerDiedError, match=rf"worker 1 \(pid {pid}\) died with signal SIGKILL while idle"):
+            for x in it:
+                got.append(x)
+        assert time.monotonic() - start < 3.0 and len(got) == 1  # raised before the queued batches
+        assert pipe.get_state()["position"] == len(got) and multiprocessing.active_children() == []
+        got += list(pipe)  # resume: new workers, the next batch
+        assert pipe.get_state() == {"epoch": 1, "position": 0, "seed": 5}
+        # between iterations (after a break the workers stay up, idle)
+        for _ in pipe:
+            break
+        _settle(tmp_path)  # the tasks sent ahead before the break are done
+        pid = pipe.worker_pids[1]
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: not _alive(pid) or multiprocessing.active_children() == [], 10)
+        with pytest.raises(pl.WorkerDiedError, match=r"worker 2 .* while idle"):
+            next(iter(pipe))
+        assert pipe.get_state() == {"epoch": 1, "position": 1, "seed": 5}
+        after = next(iter(pipe))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(after, _expected(source, aug, epoch=1)[1])
+    assert multiprocessing.active_children() == [] and _pipeline_threads() == []
+
+
+def test_worker_that_exits_is_named_with_its_exit_code(store, tmp_path):
+    # class: a worker that ends on its own (os._exit in native code, a crashing extension)
+    source = _source(store, shuffle=False)
+    aug = MarkedAugment(tmp_path, slow=(source.batches[2],), exit_code=3, crop=24, out=16, seed=5)
+    start = time.perf_counter()
+    with pytest.raises(pl.WorkerDiedError, match=rf"exited with code 3 while producing batch {source.batches[2]}"):
+        with pl.Pipeline(source, aug, lambda x: x, workers=2, timeout=60) as pipe:
+            list(pipe)
+    assert time.perf_counter() - start < 20 and multiprocessing.active_children() == []
+
+
+def test_stuck_worker_timeout_says_where(store, tmp_path):
+    # class: a worker alive but stuck -> TimeoutError naming the batch and the worker
+    source = _source(store, shuffle=False)
+    aug = MarkedAugment(tmp_path, hang=30.0, slow=(source.batches[1],), crop=24, out=16, seed=5)
+    with pytest.raises(TimeoutError, match=r"batch 1 is with worker \d \(pid \d+\), alive but not finished"):
+        with pl.Pipeline(source, aug, lambda x: x, workers=2, timeout=6) as pipe:
+            list(pipe)
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
+def test_worker_killed_during_close(store, tmp_path, delay):
+    # class: a worker killed while close() runs (one worker busy, one idle) -> close returns promptly
+
+    source = _source(store, shuffle=False)
+    aug = MarkedAugment(tmp_path, hang=60.0, slow=(source.batches[0],), crop=24, out=16, seed=5)
+    pipe = pl.Pipeline(source, aug, lambda x: x, workers=2, timeout=60)
+    it = iter(pipe)
+    def consume():  # the consumer may see the killed worker before close() stops everything
+        with contextlib.suppress(pl.WorkerDiedError):
+            next(it, None)
+
+    done = threading.Thread(target=consume, daemon=True)
+    done.start()
+    _wait_for(lambda: len(list(tmp_path.iterdir())) >= 2)
+    pids = pipe.worker_pids
+
+    def kill():
+        time.sleep(delay)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                return
+
+    killer = threading.Thread(target=kill)
+    start = time.perf_counter()
+    killer.start()
+    pipe.close()
+    elapsed = time.perf_counter() - start
+    killer.join()
+    done.join(10)
+    assert elapsed < 3.0
+    assert multiprocessing.active_children() == [] and not any(_alive(p) for p in pids)
+
+
+def test_close_returns_promptly_after_an_idle_worker_is_killed(store):
+    # the deadlock of a shared task queue: a worker killed holding its lock hung close()
+
+    pipe = pl.Pipeline(_source(store), _aug(), lambda x: x, workers=2, timeout=60)
+    for _ in pipe:
+        break
+    for pid in pipe.worker_pids:
+        os.kill(pid, signal.SIGKILL)
+    start = time.perf_counter()
+    pipe.close()
+    assert time.perf_counter() - start < 2.0 and multiprocessing.active_children() == []
+
+
+CONSUMER = """
+import os, sys, threading, time
+from pathlib import Path
+
+from scalelab import pipeline as pl
+
+
+class Hang(pl.Augment):
+    def __call__(self, images, epoch, batch):
+        Path(sys.argv[2], str(os.getpid())).touch()
+        time.sleep(600)
+
+
+def consume(pipe):
+    next(iter(pipe))
+
+
+if __name__ == "__main__":
+    pipe = pl.Pipeline(pl.HDF5Batches(sys.argv[1], 32, shuffle=False), Hang(crop=24, out=16), lambda x: x,
+                       workers=2, timeout=600)
+    if sys.argv[3] == "main":
+        consume(pipe)
+    else:  # workers started from another thread: the fallback (parent-watch) path
+        t = threading.Thread(target=consume, args=(pipe,), daemon=True)
+        t.start()
+        t.join()
+"""
+
+
+@pytest.mark.parametrize("thread", ["main", "other"])
+def test_workers_exit_when_the_consumer_is_killed(store, tmp_path, thread):
+    # class: a consumer SIGKILLed while its workers hang -> the workers exit by themselves
+
+    script = tmp_path / "consumer.py"
+    script.write_text(CONSUMER)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(store), str(marks), thread])
+    try:
+        _wait_for(lambda: len(list(marks.iterdir())) >= 2 or proc.poll() is not None, 120)
+        assert proc.poll() is None, "the consumer ended early"
+        pids = [int(p.name) for p in marks.iterdir()]
+        assert all(_alive(p) for p in pids)  # both workers are inside the hanging transform
+    finally:
+        proc.kill()
+        proc.wait()
+    start = time.monotonic()
+    try:
+        _wait_for(lambda: not any(_alive(p) for p in pids), 5.0)
+        assert time.monotonic() - start < 5.0
+    finally:  # should the workers have outlived their consumer, do not leave them behind
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                if _alive(p):
+                    os.kill(p, signal.SIGKILL)

@@ -19,14 +19,20 @@ This module imports JAX lazily so that worker processes start quickly.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import multiprocessing
 import os
+import pickle
 import queue
+import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
@@ -553,10 +559,6 @@ def _init_worker(source: HDF5Batches, augment: Augment, limit_threads: bool = Tr
         _WORKER["limits"] = threadpool_limits(1)
 
 
-def _produce_in_worker(epoch: int, batch: int):
-    return _produce(_WORKER["source"], _WORKER["augment"], epoch, batch)
-
-
 def run_sequential(source: HDF5Batches, augment: Augment, load, step, batches: int,
                    epoch: int = 0, timeline: Timeline | None = None) -> float:
     """Extract, transform, load and compute one batch after another; returns seconds."""
@@ -574,14 +576,17 @@ def run_sequential(source: HDF5Batches, augment: Augment, load, step, batches: i
     return time.perf_counter() - start
 
 
-def _put_until(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    """Put ``item`` on a bounded queue, giving up (False) once ``stop`` is set."""
+def _put_until(q: queue.Queue, item: Any, stop: threading.Event,
+               check: Callable[[], None] | None = None) -> bool:
+    """Put ``item`` on a bounded queue, giving up (False) once ``stop`` is set; while the
+    queue is full, ``check()`` runs every tick (it raises to abandon the wait)."""
     while not stop.is_set():
         try:
             q.put(item, timeout=0.1)
             return True
         except queue.Full:
-            continue
+            if check is not None:
+                check()
     return False
 
 
@@ -593,19 +598,296 @@ class _Failure:
 _DONE = object()
 
 
+class WorkerTraceback(Exception):
+    """The formatted traceback of an exception raised in a worker process: attached in the
+    consumer as that exception's ``__cause__`` (stack frames cannot cross processes)."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+def _ending(exitcode: int | None) -> tuple[str, str | None]:
+    """How a process ended, in words, and the name of the signal that ended it (if one did)."""
+    if exitcode is None:
+        return "stopped responding", None
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"died with signal {name}", name
+    return f"exited with code {exitcode}", None
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process of a :class:`Pipeline` ended without being asked to: killed by a
+    signal (SIGKILL is what the out-of-memory killer sends) or exited on its own.
+
+    ``worker`` is its number (1, 2, ...), ``pid`` its process id, ``exitcode`` as
+    :attr:`multiprocessing.Process.exitcode` reports it (minus the signal number for a
+    signal), ``signal`` the signal's name (None if it exited), ``batch`` the batch it was
+    producing (None if it was idle)."""
+
+    def __init__(self, worker: int, pid: int, exitcode: int | None, batch: int | None):
+        self.worker, self.pid, self.exitcode, self.batch = worker, pid, exitcode, batch
+        how, self.signal = _ending(exitcode)
+        doing = "while idle" if batch is None else f"while producing batch {batch}"
+        hint = " (SIGKILL: often the out-of-memory killer)" if self.signal == "SIGKILL" else ""
+        super().__init__(f"worker {worker} (pid {pid}) {how} {doing}{hint}; the pipeline stopped its other "
+                         "workers: iterate again to resume after the last batch delivered, with new workers")
+
+    def __reduce__(self):
+        return type(self), (self.worker, self.pid, self.exitcode, self.batch)
+
+
+def _exit_with_parent(parent_pid: int, deathsig: bool) -> None:
+    """Make this worker process end when the process that started it dies (a consumer
+    killed with SIGKILL runs no clean-up, and a worker stuck in a transform would otherwise
+    live on). Two mechanisms:
+
+    - on Linux, ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills the worker when the
+      *thread* that started it ends, so it is used only when that thread is the main thread
+      (``deathsig``); it works even while the worker is stuck in C code holding the GIL;
+    - everywhere, a watchdog thread that polls ``os.getppid()``: a dead parent's children are
+      re-parented, so the id changes; it needs the worker to release the GIL now and then
+      (sleeping, I/O, NumPy and pure-Python loops all do).
+    """
+    if deathsig and sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the line above ran
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _worker_main(conn, source, augment: Augment, parent_pid: int, deathsig: bool) -> None:
+    """A pipeline worker process. Tasks ``(generation, position, epoch, batch)`` arrive on
+    its own pipe (``None``: stop); each result, or the exception with its formatted
+    traceback, goes back on the same pipe, in task order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the consumer, which then stops us
+    _exit_with_parent(parent_pid, deathsig)
+    _init_worker(source, augment)
+    try:
+        conn.send("ready")
+    except (EOFError, OSError):
+        return
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the consumer closed the pipe or died
+            return
+        if task is None:
+            return
+        gen, pos, epoch, batch = task
+        try:
+            reply = (gen, pos, True, _produce(source, augment, epoch, batch))
+        except BaseException as exc:
+            tb = traceback.format_exc()
+            try:
+                pickle.dumps(exc)
+            except Exception:  # an exception that cannot travel: send its description
+                exc = RuntimeError(f"{type(exc).__name__}: {exc} (the original exception does not pickle)")
+            reply = (gen, pos, False, (exc, tb))
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+
+
+class _Workers:
+    """The worker processes of one :class:`Pipeline`, each with a pipe of its own.
+
+    Nothing is shared between workers: no common task queue, no lock. A worker killed at
+    any moment (idle, busy, while sending a result, during ``close()``) therefore cannot
+    leave the others or the consumer waiting on something it held, and its death is seen at
+    once: its pipe reaches end-of-file and its process sentinel becomes ready. (A
+    ``multiprocessing.Pool`` shares one task queue behind a lock; a worker killed while
+    holding it deadlocks the pool, and the pool does not report a dead worker to the task
+    it was running.) A receiver thread reads every result as soon as it arrives, so a
+    worker never waits to hand one over, and watches the workers' sentinels."""
+
+    DEPTH = 2  # tasks sent to one worker at a time: one running and the next, so no idle gap
+
+    def __init__(self, count: int, source, augment: Augment):
+        ctx = multiprocessing.get_context("spawn")
+        deathsig = threading.current_thread() is threading.main_thread()
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        self.tasks: list[collections.deque] = []  # per worker: (generation, position, batch), in order
+        self.ready: list[bool] = []  # whether each worker has started (imported, opened its source)
+        self.replies: queue.Queue = queue.Queue()  # (generation, position, ok, payload), from the receiver
+        self.error: WorkerDiedError | None = None
+        self._closing = threading.Event()
+        try:
+            for i in range(count):
+                here, there = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=_worker_main, name=f"pipeline-worker-{i + 1}", daemon=True,
+                                   args=(there, source, augment, os.getpid(), deathsig))
+                proc.start()
+                there.close()  # the worker's end: only the worker holds it now, so its death is EOF here
+                self.procs.append(proc)
+                self.conns.append(here)
+                self.tasks.append(collections.deque())
+                self.ready.append(False)
+        except BaseException:
+            self.close()
+            raise
+        self._receiver = threading.Thread(target=self._receive, daemon=True, name="pipeline-results")
+        self._receiver.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def free(self) -> int | None:
+        """The worker with the fewest tasks, if it has room for another."""
+        i = min(range(len(self.tasks)), key=lambda k: len(self.tasks[k]))
+        return i if len(self.tasks[i]) < self.DEPTH else None
+
+    def send(self, i: int, gen: int, pos: int, epoch: int, batch: int) -> bool:
+        """Send a task to worker ``i``; False if it is dead (the receiver reports it)."""
+        self.check()
+        if mp_connection.wait([self.procs[i].sentinel], 0):
+            return False
+        self.tasks[i].append((gen, pos, batch))
+        try:
+            self.conns[i].send((gen, pos, epoch, batch))
+        except OSError:  # it died meanwhile
+            return False
+        return True
+
+    def holder(self, pos: int, gen: int) -> int | None:
+        """The worker that has the task at ``pos`` of iteration ``gen``."""
+        for i, tasks in enumerate(self.tasks):
+            if any(t[0] == gen and t[1] == pos for t in list(tasks)):
+                return i
+        return None
+
+    def get(self, timeout: float) -> tuple | None:
+        """The next reply ``(generation, position, ok, payload)``, or None after ``timeout``
+        seconds; raises :class:`WorkerDiedError` once a worker has died."""
+        self.check()
+        try:
+            return self.replies.get(timeout=timeout)
+        except queue.Empty:
+            self.check()
+            return None
+
+    def check(self) -> None:
+        """Raise :class:`WorkerDiedError` if a worker has died (returns at once)."""
+        if self.error is not None:
+            raise self.error
+
+    def check_now(self) -> None:
+        """:meth:`check`, also for a death the receiver has not yet had time to see."""
+        if any(mp_connection.wait([p.sentinel], 0) for p in self.procs):
+            self._receiver.join(2.0)  # it reports the death, then ends
+        self.check()
+
+    # -- the receiver thread
+    def _take(self, i: int, reply) -> None:
+        if reply == "ready":
+            self.ready[i] = True
+            return
+        self.tasks[i].popleft()  # a worker answers its tasks in the order it got them
+        self.replies.put(reply)
+
+    def _receive(self) -> None:
+        sentinels = [p.sentinel for p in self.procs]
+        while not self._closing.is_set():
+            try:
+                ready = set(mp_connection.wait(self.conns + sentinels, 0.1))
+            except OSError:  # closed under us by close()
+                return
+            for i, (conn, sentinel) in enumerate(zip(self.conns, sentinels, strict=True)):
+                if conn not in ready and sentinel not in ready:
+                    continue
+                if self._closing.is_set():
+                    return
+                try:
+                    while conn.poll():
+                        self._take(i, conn.recv())
+                except (EOFError, OSError):
+                    self.error = self._died(i)
+                    return
+                if sentinel in ready:
+                    self.error = self._died(i)
+                    return
+
+    def _died(self, i: int) -> WorkerDiedError:
+        proc, conn = self.procs[i], self.conns[i]
+        with contextlib.suppress(EOFError, OSError):  # results it sent before it died
+            while conn.poll():
+                self._take(i, conn.recv())
+        proc.join(1.0)  # a dead process is reaped at once; this gives its exit code
+        batch = self.tasks[i][0][2] if self.tasks[i] else None
+        return WorkerDiedError(i + 1, proc.pid, proc.exitcode, batch)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every worker within about ``timeout`` seconds, whatever state each is in:
+        idle ones are asked to stop, busy ones get SIGTERM at once, and any still alive
+        after ``timeout`` seconds get SIGKILL."""
+        self._closing.set()
+        receiver = getattr(self, "_receiver", None)
+        if receiver is not None and receiver is not threading.current_thread():
+            receiver.join(2.0)
+        idle = [p for p, t in zip(self.procs, self.tasks, strict=True) if not t]
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        deadline = time.monotonic() + min(0.5, timeout)
+        for p in idle:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.exitcode is None:
+                with contextlib.suppress(OSError):
+                    p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.exitcode is None:  # ignored SIGTERM (e.g. hung in native code)
+                with contextlib.suppress(OSError):
+                    p.kill()
+                p.join(1.0)
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns, self.tasks = [], [], []
+
+
 class Pipeline:
     """Overlapped extract -> transform -> load, consumed by the training loop.
 
     - ``workers=0``: one producer thread extracts and transforms; ``workers=n``: ``n``
-      worker processes do, ``prefetch`` batches ahead, results kept in order;
+      worker processes do, ``prefetch`` batches ahead, results kept in order; each worker
+      has its own pipe (see :class:`_Workers`), so no worker can block another;
     - a loader thread transfers the next batches to the devices while the consumer
       computes on the current one;
-    - an exception in any stage is re-raised in the consumer, as the same exception
-      object (a worker's carries its original traceback as ``__cause__``); a stage
-      that produces nothing for ``timeout`` seconds raises TimeoutError;
+    - an exception in any stage is re-raised in the consumer at once, as the same
+      exception object (a worker's carries its original traceback as ``__cause__``);
+    - a worker process that dies (killed by a signal, or exited) raises
+      :class:`WorkerDiedError` in the consumer at once, naming the worker, its pid, the
+      signal or exit code and the batch it was producing (or that it was idle);
+    - a stage that produces nothing for ``timeout`` seconds raises TimeoutError saying
+      where the batch is stuck;
+    - after any of these errors the workers are stopped, and the position is that of the
+      last batch delivered: iterating again resumes there, with new workers;
     - ``close()`` (also on ``with`` exit, on ``break`` and on KeyboardInterrupt)
-      terminates the workers and joins the threads (a transform stuck inside a *thread*,
-      ``workers=0``, cannot be killed by Python: use worker processes for code that may hang);
+      stops the workers within a bounded time and joins the threads (a transform stuck
+      inside a *thread*, ``workers=0``, cannot be killed by Python: use worker processes for
+      code that may hang); workers whose consumer dies without closing exit by themselves;
     - ``get_state()``/``set_state()`` save and restore the position: the batch after a
       restore is identical to the one that would have come next.
     """
@@ -620,9 +902,18 @@ class Pipeline:
         self.timeline = timeline
         self.epoch = 0
         self.position = 0
-        self._pool = None
+        self._pool: _Workers | None = None
+        self._generation = 0  # tags worker tasks, so results of an abandoned iteration are dropped
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._status = {"producer": "starting", "loader": "waiting for the producer"}
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The process ids of the running worker processes (empty before the first batch)."""
+        pool = self._pool
+        return pool.pids if pool is not None else []
 
     # -- state
     def get_state(self) -> dict[str, int]:
@@ -636,8 +927,14 @@ class Pipeline:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     # -- running
-    def _put(self, q: queue.Queue, item: Any) -> bool:
-        return _put_until(q, item, self._stop)
+    def _fail(self, exc: BaseException, out: queue.Queue) -> None:
+        """Report a stage's failure: the consumer raises it at its next wait."""
+        if self._error is None:
+            self._error = exc
+        self._put(out, _Failure(exc))
+
+    def _put(self, q: queue.Queue, item: Any, check: Callable[[], None] | None = None) -> bool:
+        return _put_until(q, item, self._stop, check)
 
     def _producer(self, order: list[int], out: queue.Queue) -> None:
         try:
@@ -645,34 +942,68 @@ class Pipeline:
                 for b in order:
                     if self._stop.is_set():
                         return
+                    self._status["producer"] = f"the producer thread is extracting and transforming batch {b}"
                     x, events = _produce(self.source, self.augment, self.epoch, b)
                     if self.timeline:
                         self.timeline.extend(events)
+                    self._status["producer"] = "the producer thread waits for the loader"
                     if not self._put(out, x):
                         return
-            else:
-                pending: list = []
-                it = iter(order)
-                for b in it:
-                    pending.append(self._pool.apply_async(_produce_in_worker, (self.epoch, b)))
-                    if len(pending) >= self.workers + self.prefetch:
-                        break
-                while pending and not self._stop.is_set():
-                    x, events = pending.pop(0).get(timeout=self.timeout)
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending.append(self._pool.apply_async(_produce_in_worker, (self.epoch, nxt)))
-                    if self.timeline:
-                        self.timeline.extend(events)
-                    if not self._put(out, x):
-                        return
+            elif not self._produce_with_workers(order, out):
+                return
             self._put(out, _DONE)
         except BaseException as exc:
-            self._put(out, _Failure(exc))
+            self._fail(exc, out)
+
+    def _produce_with_workers(self, order: list[int], out: queue.Queue) -> bool:
+        """Keep up to ``workers + prefetch`` batches in flight, hand them on in order; False
+        if stopped."""
+        pool, gen, epoch = self._pool, self._generation, self.epoch
+        window = self.workers + self.prefetch
+        ready: dict[int, Any] = {}
+        sent = delivered = 0
+        while delivered < len(order):
+            if self._stop.is_set():
+                return False
+            while sent < len(order) and sent - delivered < window and (i := pool.free()) is not None:
+                if not pool.send(i, gen, sent, epoch, order[sent]):
+                    break  # that worker is dead: the receiver reports it in a moment
+                sent += 1
+            if delivered in ready:
+                x, events = ready.pop(delivered)
+                if self.timeline:
+                    self.timeline.extend(events)
+                self._status["producer"] = "the producer waits for the loader"
+                if not self._put(out, x, check=pool.check):
+                    return False
+                delivered += 1
+                continue
+            holder = pool.holder(delivered, gen)
+            if holder is None:
+                where = f"batch {order[delivered]} waits for a free worker (all are busy)"
+            elif not pool.ready[holder]:
+                where = (f"batch {order[delivered]} is with worker {holder + 1} (pid {pool.pids[holder]}), "
+                         "still starting (importing, opening the source)")
+            else:
+                where = (f"batch {order[delivered]} is with worker {holder + 1} (pid {pool.pids[holder]}), alive "
+                         "but not finished (a transform that never returns?)")
+            self._status["producer"] = where
+            reply = pool.get(0.1)
+            while reply is not None:
+                rgen, pos, ok, payload = reply
+                if rgen == gen:  # else a result for an iteration that was abandoned (break)
+                    if not ok:
+                        exc, tb = payload
+                        exc.__cause__ = WorkerTraceback(tb)
+                        raise exc
+                    ready[pos] = payload
+                reply = pool.get(0) if not pool.replies.empty() else None
+        return True
 
     def _loader(self, order: list[int], inp: queue.Queue, out: queue.Queue) -> None:
         i = 0
         while not self._stop.is_set():
+            self._status["loader"] = "the loader waits for the producer"
             try:
                 item = inp.get(timeout=0.1)
             except queue.Empty:
@@ -681,37 +1012,51 @@ class Pipeline:
                 self._put(out, item)
                 return
             try:
+                self._status["loader"] = f"the loader is copying batch {order[i]} to the devices"
                 with _timed(self.timeline, "load", "loader", order[i]):
                     dev = self.load(item)
             except BaseException as exc:
-                self._put(out, _Failure(exc))
+                self._fail(exc, out)
                 return
             i += 1
             if not self._put(out, dev):
                 return
 
+    def _stuck(self) -> TimeoutError:
+        return TimeoutError(f"the input pipeline produced no batch for {self.timeout:g} s: "
+                            f"{self._status['producer']}; {self._status['loader']}")
+
     def __iter__(self) -> Iterator[Any]:
         order = self.source.order(self.epoch, self.augment.seed)[self.position:]
         self._stop.clear()
-        if self.workers and self._pool is None:
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(self.workers, initializer=_init_worker,
-                                  initargs=(self.source, self.augment))
-        q1: queue.Queue = queue.Queue(self.prefetch)
-        q2: queue.Queue = queue.Queue(self.prefetch)
-        self._threads = [
-            threading.Thread(target=self._producer, args=(order, q1), daemon=True, name="producer"),
-            threading.Thread(target=self._loader, args=(order, q1, q2), daemon=True, name="loader"),
-        ]
-        for t in self._threads:
-            t.start()
+        self._error = None
+        self._generation += 1
+        self._status = {"producer": "starting", "loader": "the loader waits for the producer"}
+        failed = False
         try:
+            if self.workers:
+                if self._pool is None:
+                    self._pool = _Workers(self.workers, self.source, self.augment)
+                else:
+                    self._pool.check_now()  # a worker that died between iterations
+            q1: queue.Queue = queue.Queue(self.prefetch)
+            q2: queue.Queue = queue.Queue(self.prefetch)
+            self._threads = [
+                threading.Thread(target=self._producer, args=(order, q1), daemon=True, name="producer"),
+                threading.Thread(target=self._loader, args=(order, q1, q2), daemon=True, name="loader"),
+            ]
+            for t in self._threads:
+                t.start()
+            since = time.monotonic()
             while True:
+                if self._error is not None:  # a stage failed: raise now, not after the queued batches
+                    raise self._error
                 try:
-                    item = q2.get(timeout=self.timeout)
+                    item = q2.get(timeout=0.05)
                 except queue.Empty:
-                    raise TimeoutError(f"the input pipeline produced no batch for {self.timeout:.0f} s "
-                                       "(a stage is stuck)") from None
+                    if time.monotonic() - since > self.timeout:
+                        raise self._stuck() from None
+                    continue
                 if item is _DONE:
                     self.epoch += 1
                     self.position = 0
@@ -720,8 +1065,16 @@ class Pipeline:
                     raise item.exc
                 self.position += 1
                 yield item
+                since = time.monotonic()
+        except GeneratorExit:  # the consumer stopped early (break, close): keep the workers
+            raise
+        except BaseException:
+            failed = True
+            raise
         finally:
             self._shutdown_threads()
+            if failed:  # dead, stuck or failed workers are not reused: the next iteration starts new ones
+                self._close_workers()
 
     def _shutdown_threads(self) -> None:
         self._stop.set()
@@ -729,22 +1082,17 @@ class Pipeline:
             t.join(timeout=5)
         self._threads = []
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the threads and terminate the worker processes (SIGKILL for any that do not
-        stop within ``timeout`` seconds of SIGTERM: a stuck worker must not hang the caller)."""
-        self._shutdown_threads()
+    def _close_workers(self, timeout: float = 5.0) -> None:
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        workers = list(getattr(pool, "_pool", []))  # the worker processes, before terminate forgets them
-        stopper = threading.Thread(target=pool.terminate, daemon=True, name="pool-terminate")
-        stopper.start()
-        stopper.join(timeout)
-        if stopper.is_alive():
-            for w in workers:
-                if w.is_alive():
-                    w.kill()
-            stopper.join(timeout)
+        if pool is not None:
+            pool.close(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the threads and the worker processes: idle workers exit when asked, busy
+        ones get SIGTERM at once, and any still alive ``timeout`` seconds later SIGKILL (a
+        stuck or dying worker must not hang the caller)."""
+        self._shutdown_threads()
+        self._close_workers(timeout)
 
     def __enter__(self) -> Pipeline:
         return self
@@ -1055,6 +1403,8 @@ __all__ = [
     "Pipeline",
     "SlowReads",
     "Timeline",
+    "WorkerDiedError",
+    "WorkerTraceback",
     "augment_jax",
     "bench_pipeline",
     "bound_seconds",
