@@ -5,6 +5,7 @@
 #   make notebooks  re-execute the committed notebooks in place (full mode)
 #   make bench NAME=abstractions   run one benchmark and print its JSON
 #   make test-install  the Colab path: the wheel in a fresh venv, notebooks alone in an empty folder
+#   make browser-deps  Chromium (apt, as root) and the pages' JavaScript (npm) for the browser tests
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -19,7 +20,7 @@ NB_MULTI := $(filter notebooks/00_% notebooks/06_% notebooks/07_% notebooks/08_%
 NB_REPEAT ?= $(NB_MULTI)
 NAME ?= abstractions
 
-.PHONY: setup test test-install lint unit nbtest test-devices course notebooks lab bench web-deps clean
+.PHONY: setup test test-install lint unit nbtest test-devices course notebooks lab bench web-deps browser-deps clean
 
 setup: $(STAMP)
 
@@ -79,6 +80,19 @@ notebooks: $(STAMP)
 # onnxruntime-web for chapter 14's in-browser check (needs npm; the page itself can use a CDN)
 web-deps: $(STAMP)
 	$(BIN)/python -c "from scalelab import serve; print(serve.fetch_ort_web())"
+
+# What the browser tests (tests/test_browser.py) and an offline HTML course need: the system
+# Chromium (Playwright drives it by path; no browser download), onnxruntime-web, and local copies of
+# MathJax 2, require.js and the widgets' HTML manager under build/web/ (make course uses them, the
+# CDN where they are missing). Installing Chromium needs root and apt; elsewhere it says what to do.
+WEB_PACKAGES := mathjax@2.7.9 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.15
+browser-deps: $(STAMP) web-deps
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+	  echo "Chromium: $$(command -v chromium || command -v chromium-browser)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "Chromium is missing: install it (Debian/Ubuntu, as root: apt-get install chromium)"; exit 1; fi
+	mkdir -p build/web && cd build/web && npm install --no-audit --no-fund --silent $(WEB_PACKAGES)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks

@@ -851,3 +851,107 @@ def bench_hardware(quick: bool = False) -> dict[str, Any]:
         "roofline": points,
         "cpu_model": cpu.model,
     }
+
+
+# --------------------------------------------------------------------------- explorer
+
+THIS_MACHINE = "this machine (measured)"
+
+
+def roofline_model(chip: str, precision: str, intensity: float, n: int,
+                   measured: Sequence[float] | None = None) -> dict[str, Any]:
+    """Where an operation lands on one chip's roofline (pure: the explorer's model).
+
+    ``chip`` is a name from :data:`SPECS` or :data:`THIS_MACHINE` (then ``measured`` = this
+    machine's (peak FLOP/s, bandwidth bytes/s)); ``precision`` is "16-bit" or "fp32" (a chip
+    that publishes no fp32 peak uses its 16-bit one, as TPUs do); ``intensity`` in FLOP/byte;
+    ``n`` the side of a square matmul, whose intensity is 2n^3 FLOPs over 3 n^2 elements moved
+    once (n/6 FLOP/byte in fp32, n/3 in 16-bit). Returns the chip's peak, bandwidth and ridge,
+    the attainable rate at ``intensity`` and for the matmul, and which roof bounds each.
+    """
+    if precision not in ("16-bit", "fp32"):
+        raise ValueError(f"precision must be '16-bit' or 'fp32', got {precision!r}")
+    if not intensity > 0:
+        raise ValueError(f"intensity must be positive FLOP/byte, got {intensity!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer matrix side, got {n!r}")
+    if chip == THIS_MACHINE:
+        if measured is None:
+            raise ValueError("this machine's row needs measured=(peak FLOP/s, bandwidth bytes/s)")
+        peak, bandwidth_bps = measured
+    else:
+        spec = next((s for s in SPECS if s.name == chip), None)
+        if spec is None:
+            raise ValueError(f"unknown chip {chip!r}; expected one of {[s.name for s in SPECS]}")
+        peak = spec.peak_16bit if precision == "16-bit" or spec.peak_fp32 is None else spec.peak_fp32
+        bandwidth_bps = spec.bandwidth
+    element = 2 if precision == "16-bit" else 4
+    ridge = ridge_point(peak, bandwidth_bps)
+    matmul_intensity = 2 * n**3 / (3 * n * n * element)
+    return {
+        "peak_flops": float(peak), "bandwidth_bps": float(bandwidth_bps), "ridge": ridge,
+        "attainable_flops": float(attainable(intensity, peak, bandwidth_bps)),
+        "bound": "compute" if intensity >= ridge else "memory",
+        "matmul_intensity": matmul_intensity,
+        "matmul_attainable_flops": float(attainable(matmul_intensity, peak, bandwidth_bps)),
+        "matmul_bound": "compute" if matmul_intensity >= ridge else "memory",
+    }
+
+
+def measure_matmul_point(n: int, repeat: int = 3) -> dict[str, Any]:
+    """One float32 n x n matmul on this machine's first device: intensity and FLOP/s."""
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32)
+    f = jax.jit(matmul)
+    f(a, b).block_until_ready()
+    best = bench.timeit(lambda: f(a, b).block_until_ready(), repeat=repeat).best
+    return {"intensity": 2 * n**3 / (3 * n * n * 4), "flops_per_s": 2 * n**3 / best}
+
+
+def roofline_explorer(measured_peak: float | None = None, measured_bandwidth: float | None = None,
+                      info: env.EnvInfo | None = None):
+    """The roofline explorer: a chip (cited specs, and this machine's measured ceilings when
+    given), a precision, an arithmetic intensity and a matmul size -> where each lands; "measure
+    this point" times the float32 matmul of that size here and plots it."""
+    from scalelab import widgets
+
+    here = measured_peak is not None and measured_bandwidth is not None
+    chips = ([THIS_MACHINE] if here else []) + [s.name for s in SPECS if s.kind != "ASIC"]
+    context = {"measured": [measured_peak, measured_bandwidth] if here else None}
+
+    def draw(settings, pred, points):
+        fig, ax = plot.figure(width=7.0, height=3.8)
+        xs = np.logspace(-2, 4, 200)
+        ax.plot(xs, attainable(xs, pred["peak_flops"], pred["bandwidth_bps"]), color="k",
+                label=f"{settings['chip']} ({settings['precision']})")
+        ax.axvline(pred["ridge"], color="0.7", ls=":", lw=1)
+        ax.scatter([settings["intensity"]], [pred["attainable_flops"]], s=60, color="C0", zorder=3,
+                   label=f"an op at {settings['intensity']:.3g} FLOP/B: {pred['bound']}-bound")
+        ax.scatter([pred["matmul_intensity"]], [pred["matmul_attainable_flops"]], s=60, marker="s",
+                   color="C1", zorder=3, label=f"matmul n={settings['n']}: {pred['matmul_bound']}-bound")
+        for i, p in enumerate(points):
+            ax.scatter([p["result"]["intensity"]], [p["result"]["flops_per_s"]], marker="*", s=120,
+                       color="C3", zorder=4, label="measured here (fp32 matmul)" if i == 0 else None)
+        ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP/byte)", ylabel="FLOP/s",
+               title="Roofline: min(peak, intensity x bandwidth)")
+        ax.legend(fontsize=7, loc="lower right")
+        source = ("cited spec" if settings["chip"] != THIS_MACHINE
+                  else "estimated or measured ceilings of this run")
+        plot.label(fig, info or env.describe(), source=source + "; stars: measured here", devices=1)
+        return fig
+
+    controls = {
+        "chip": widgets.dropdown("chip", chips),
+        "precision": widgets.dropdown("precision", ["fp32", "16-bit"]),
+        "intensity": widgets.slider("intensity (FLOP/B)", 1.0, 0.01, 10_000, log=True),
+        "n": widgets.slider("matmul n", 512, 16, 8192, step=16, integer=True),
+    }
+    return widgets.Explorer(
+        "roofline", "Roofline explorer", controls, roofline_model, draw, context=context,
+        measure=lambda chip, precision, intensity, n: measure_matmul_point(int(n)),
+        shown=["attainable_flops", "bound", "ridge", "matmul_intensity", "matmul_bound"],
+        labels={"attainable_flops": "attainable FLOP/s", "ridge": "ridge (FLOP/B)",
+                "matmul_intensity": "matmul intensity (FLOP/B)", "matmul_bound": "matmul is"},
+        note="'measure this point' times the fp32 n x n matmul on this machine (compare it with the "
+             "'this machine' row).")
