@@ -144,3 +144,24 @@ def test_single_accelerator_runtime_falls_back_to_cpu_devices_and_says_so(monkey
     assert "this runtime has 1 tpu device(s)" in out and "simulated CPU devices instead" in out
     env.devices(n)
     assert capsys.readouterr().out == ""  # said once
+
+
+def test_all_devices_takes_every_cpu_device_beside_one_accelerator(monkeypatch, capsys):
+    """A multi-device chapter on a one-accelerator runtime gets every simulated CPU device (and the
+    notice); several accelerators are used as they are; a CPU-only runtime gets its CPU devices."""
+    import jax
+
+    cpus = jax.devices("cpu")
+    assert env.all_devices() == cpus  # the test session runs on CPU only
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(env, "_FALLBACKS_SAID", set())
+    gpu = object()
+    monkeypatch.setattr(jax, "devices", lambda backend=None: cpus if backend == "cpu" else [gpu])
+    got = env.all_devices()
+    if len(cpus) > 1:
+        assert got == cpus and "this runtime has 1 gpu device(s)" in capsys.readouterr().out
+    else:
+        assert got == [gpu]
+    gpus = [object() for _ in range(len(cpus) + 1)]
+    monkeypatch.setattr(jax, "devices", lambda backend=None: cpus if backend == "cpu" else gpus)
+    assert env.all_devices() == gpus

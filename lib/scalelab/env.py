@@ -244,6 +244,18 @@ def setup(cpu_devices: int = 8, seed: int = 0, verbose: bool = True) -> EnvInfo:
     return info
 
 
+def all_devices() -> list:
+    """Every device a multi-device chapter can use.
+
+    The accelerators when there are several (or no simulated CPU devices beside them), else every
+    CPU device, simulated ones included: on a single-accelerator runtime (one GPU, Colab's TPU
+    v5e-1) that is the fallback :func:`devices` announces once.
+    """
+    import jax
+
+    return devices(max(len(jax.devices()), len(jax.devices("cpu"))))
+
+
 _FALLBACKS_SAID: set[int] = set()
 
 

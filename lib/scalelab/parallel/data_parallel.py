@@ -321,7 +321,7 @@ def bench_data_parallel(quick: bool = False) -> dict[str, Any]:
     from scalelab import distributed, env
 
     problem = digits_problem()
-    n_max = len(jax.devices())
+    n_max = len(env.all_devices())
     counts = [n for n in (1, 2, 4, 8) if n <= n_max]
     steps, batch = (10, 64) if quick else (20, 128)
     batches = global_batches(problem, batch, steps)

@@ -1127,7 +1127,9 @@ def bench_model_parallel(quick: bool = False) -> dict[str, Any]:
     device (compiled, state donated), communication, step time; GPipe's step time against
     the number of micro-batches at a fixed global batch beside (m+p-1)/m; GPipe's and
     1F1B's compiled activation memory."""
-    devices = jax.devices()
+    from scalelab import env
+
+    devices = env.all_devices()
     cfg = DeepMLP(layers=8, hidden=128 if quick else 256)
     rows = compare_strategies(devices, cfg, batch=64, steps=2 if quick else 3, microbatches=4,
                               time_repeat=2 if quick else 5)
