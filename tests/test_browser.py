@@ -146,7 +146,7 @@ def browser():
 
 
 def _page(browser, errors: list[str]):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
     page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
     page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url} ({r.failure})"))
@@ -261,8 +261,13 @@ def test_explorers_follow_their_models_in_jupyterlab(lab, browser, chapter):
                 after = settled_result(page, explorer)
                 assert after["settings"] != before["settings"]
                 check_against_model(after)
+                page.wait_for_function(  # the redrawn figure has loaded before the screenshot
+                    "el => { const i = el.querySelector('img'); return !i || (i.complete && i.naturalHeight > 0); }",
+                    arg=explorer.element_handle(), timeout=30_000)
+                explorer.scroll_into_view_if_needed()
+                page.wait_for_timeout(1000)  # let the new image be decoded and painted
                 name = explorer.locator(".scalelab-explorer-result").get_attribute("data-explorer")
-                explorer.screenshot(path=str(SHOTS / f"{Path(chapter).stem[:2]}-{name}.png"))
+                page.screenshot(path=str(SHOTS / f"{Path(chapter).stem[:2]}-{name}.png"), clip=explorer.bounding_box())
     finally:
         page.close()
     assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
