@@ -260,14 +260,18 @@ HOSTILE_STATUS = {"truncated JSON": 400, "not an object": 422, "no inputs key": 
                   "wrong Content-Type": 415}
 
 
+def _reply(handler, status: int, body: bytes) -> None:
+    """A fake server's whole answer: status, length and body."""
+    handler.send_response(status)
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def test_http_json_returns_the_text_of_a_non_json_answer():
     class Proxy(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            body = b"<html>502 Bad Gateway</html>"
-            self.send_response(502)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            _reply(self, 502, b"<html>502 Bad Gateway</html>")
 
         def log_message(self, *args):
             pass
@@ -416,11 +420,7 @@ def test_the_open_loop_charges_a_stalled_server_from_the_scheduled_time():
             self.rfile.read(int(self.headers["content-length"]))
             with self.lock:
                 time.sleep(0.05)
-            body = b'{"ok": 1}'
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            _reply(self, 200, b'{"ok": 1}')
 
         def log_message(self, *args):
             pass
