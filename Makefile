@@ -69,9 +69,15 @@ test-install: $(STAMP)
 test-devices:
 	$(MAKE) nbtest NB_DEVICES="1 2 4 8" NB_REPEAT="$(NOTEBOOKS)"
 
+# The HTML course: every chapter executed in full mode (copies under build/course/executed/, the
+# committed notebooks untouched), exported with its widget state, and an index page built from those
+# runs (run times, claims verdicts). `make browser-deps` first gives offline math and widgets.
 course: $(STAMP)
-	SCALELAB_QUICK=0 SCALELAB_PROGRESS=0 SCALELAB_SAVE_RESULTS=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py $(NOTEBOOKS)
-	$(BIN)/python tools/course_index.py build/course $(NOTEBOOKS)
+	SCALELAB_QUICK=0 SCALELAB_PROGRESS=0 SCALELAB_SAVE_RESULTS=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py \
+	  --to notebook --output-dir build/course/executed $(NOTEBOOKS)
+	$(BIN)/jupyter nbconvert --config nbconvert_config.py --ExecutePreprocessor.enabled=False \
+	  --output-dir build/course $(patsubst notebooks/%,build/course/executed/%,$(NOTEBOOKS))
+	$(BIN)/python tools/course_index.py build/course $(patsubst notebooks/%,build/course/executed/%,$(NOTEBOOKS))
 
 notebooks: $(STAMP)
 	SCALELAB_QUICK=0 SCALELAB_PROGRESS=0 $(BIN)/jupyter nbconvert --config nbconvert_config.py \

@@ -10,6 +10,11 @@ cell, the cells tagged ``explorer-input`` and the explorer cells, moves one slid
 dropdown of each explorer, and checks that every value the page shows is what the explorer's model
 function (named in the page) gives for the settings the page shows; with no JavaScript error in the
 console. A screenshot of each explorer goes to ``build/browser/``.
+
+The same browser also opens, with every network request refused: one chapter exported to HTML the
+way ``make course`` exports it (its math must be typeset by the local MathJax and its explorer drawn
+from the saved widget state), the course's index page, and chapter 14's ONNX page (the model run
+by onnxruntime-web must give the exported model's probabilities).
 """
 
 from __future__ import annotations
@@ -137,7 +142,12 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
+    if chromium_path() is None:
+        _skip_or_fail("Chromium is not installed")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _skip_or_fail("Playwright for Python is not installed")
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
@@ -146,7 +156,7 @@ def browser():
 
 
 def _page(browser, errors: list[str]):
-    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page = browser.new_page(viewport={"width": 1400, "height": 2000})
     page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
     page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url} ({r.failure})"))
@@ -267,7 +277,167 @@ def test_explorers_follow_their_models_in_jupyterlab(lab, browser, chapter):
                 explorer.scroll_into_view_if_needed()
                 page.wait_for_timeout(1000)  # let the new image be decoded and painted
                 name = explorer.locator(".scalelab-explorer-result").get_attribute("data-explorer")
-                page.screenshot(path=str(SHOTS / f"{Path(chapter).stem[:2]}-{name}.png"), clip=explorer.bounding_box())
+                # an element screenshot: scrolled into the notebook's own scrolling panel, where a clip
+                # of the page would catch the part outside the panel's view unpainted
+                explorer.screenshot(path=str(SHOTS / f"{Path(chapter).stem[:2]}-{name}.png"))
     finally:
         page.close()
     assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
+
+
+OFFLINE_CHAPTER = "01_hardware.ipynb"  # math in its prose and an explorer with saved widget state
+
+
+def _offline_page(browser, errors: list[str], blocked: list[str]):
+    """A page that may load only local files (and 127.0.0.1): every other request is recorded and
+    answered empty. A test then allows only images there (the title cell's Colab badge)."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1500})
+    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url} ({r.failure})")
+            if not any(b.endswith(r.url) for b in blocked) else None)
+
+    def refuse(route):  # recorded, and answered empty as an offline machine would not answer at all
+        blocked.append(f"{route.request.resource_type}: {route.request.url}")
+        route.fulfill(status=204, body="")
+
+    page.route(lambda url: not url.startswith(("file:", "data:", "blob:", "http://127.0.0.1")), refuse)
+    return page
+
+
+@pytest.fixture(scope="module")
+def exported_course(tmp_path_factory):
+    """One chapter exported as `make course` exports it (from its committed full run, not
+    re-executed), next to the local scripts, and the index page built from the committed runs."""
+    web = ROOT / "build" / "web" / "node_modules"
+    if not (web / "mathjax" / "MathJax.js").exists():
+        _skip_or_fail("the local MathJax is not installed")
+    root = tmp_path_factory.mktemp("site")
+    (root / "web").symlink_to(ROOT / "build" / "web", target_is_directory=True)
+    course = root / "course"
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--config", str(ROOT / "nbconvert_config.py"),
+                    "--ExecutePreprocessor.enabled=False", "--to", "html", "--output-dir", str(course),
+                    str(ROOT / "notebooks" / OFFLINE_CHAPTER)], check=True, capture_output=True, cwd=ROOT)
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    subprocess.run([sys.executable, str(ROOT / "tools" / "course_index.py"), str(course), *map(str, notebooks)],
+                   capture_output=True, cwd=ROOT)  # exits 1: only one chapter's page is built here
+    assert (course / "index.html").exists()
+    return course
+
+
+def test_an_exported_chapter_renders_offline(browser, exported_course):
+    page_path = exported_course / OFFLINE_CHAPTER.replace(".ipynb", ".html")
+    text = page_path.read_text(encoding="utf-8")
+    assert "../web/node_modules/mathjax/MathJax.js" in text, "the page does not use the local MathJax"
+    assert "application/vnd.jupyter.widget-state+json" in text, "the page carries no widget state"
+    errors, blocked = [], []
+    page = _offline_page(browser, errors, blocked)
+    try:
+        page.goto(page_path.as_uri())
+        page.wait_for_function("() => window.MathJax && MathJax.Hub && MathJax.Hub.queue.running === 0 "
+                               "&& MathJax.Hub.queue.pending === 0 && document.querySelectorAll('.MathJax_CHTML').length > 0",
+                               timeout=120_000)
+        typeset = page.evaluate("document.querySelectorAll('.MathJax_CHTML').length")
+        raw = page.evaluate(r"""() => { const w = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+          const found = []; let n; while ((n = w.nextNode())) {
+            if (n.parentElement.closest('script, pre, code, .MathJax_Preview')) continue;
+            if (/\\[a-z]+|\$[^$\s][^$]*\$/.test(n.textContent)) found.push(n.textContent.slice(0, 80)); }
+          return found; }""")
+        assert typeset > 5, f"only {typeset} formulas typeset"
+        assert not raw, f"math left as raw TeX: {raw[:5]}"
+        explorer = page.locator(".scalelab-explorer").first
+        explorer.wait_for(timeout=60_000)  # drawn by the widgets' HTML manager from the saved state
+        result = explorer.locator(".scalelab-explorer-result")
+        assert result.count() == 1 and result.get_attribute("data-model") == "scalelab.hardware:roofline_model"
+        shown = read_result(explorer)
+        check_against_model(shown)  # the saved state is the model's value at the saved setting
+        assert explorer.locator(".widget-slider").count() >= 2 and explorer.locator("img").count() == 1
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        explorer.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        explorer.screenshot(path=str(SHOTS / "offline-01-explorer.png"))
+        first_math = page.locator(".MathJax_CHTML").first
+        first_math.scroll_into_view_if_needed()
+        box = first_math.bounding_box()
+        page.screenshot(path=str(SHOTS / "offline-01-math.png"),
+                        clip={"x": 0, "y": max(box["y"] - 120, 0), "width": 1300, "height": 300})
+    finally:
+        page.close()
+    assert not errors, "JavaScript errors in the exported page:\n" + "\n".join(errors)
+    needed = [b for b in blocked if not b.startswith("image: ")]
+    assert not needed, f"the exported page needs the network for: {needed[:5]}"
+
+
+def test_the_course_index_is_a_page_to_open(browser, exported_course):
+    errors, blocked = [], []
+    page = _offline_page(browser, errors, blocked)
+    try:
+        page.goto((exported_course / "index.html").as_uri())
+        cards = page.locator("li.chapter")
+        notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+        assert cards.count() == len(notebooks)
+        titles = cards.locator("h2").all_inner_texts()
+        assert not [t for t in titles if "`" in t or t[:2].isdigit()], titles  # rendered, numbered once
+        assert cards.locator("h2 code").count() >= 1  # inline code rendered as code
+        numbers = cards.locator(".num").all_inner_texts()
+        assert numbers == [nb.name[:2] for nb in notebooks]
+        link = cards.locator("h2 a")
+        assert link.count() == 1 and link.get_attribute("href") == OFFLINE_CHAPTER.replace(".ipynb", ".html")
+        metas = cards.locator(".meta").all_inner_texts()
+        assert all(" s" in m or " min" in m for m in metas), metas
+        assert all("claims held" in m for m in metas), metas
+        assert cards.locator(".measures").count() == len(notebooks)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "course-index.png"), full_page=True)
+    finally:
+        page.close()
+    assert not errors and not blocked, (errors, blocked)
+
+
+@contextlib.contextmanager
+def _static_server(directory: Path):
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_chapter_14s_onnx_page_gives_the_models_probabilities(browser, tmp_path):
+    import numpy as np
+
+    from scalelab import serve
+
+    ort = serve.local_ort_web()
+    if ort is None:
+        _skip_or_fail("onnxruntime-web is not installed")
+    model = serve.serving_model(tmp_path / "model", hidden=(64,), steps=5)
+    predictor = serve.Predictor(model["exported"], max_batch=16)
+    onnx_path = serve.to_onnx(model["params"], tmp_path / "model.onnx")
+    x = np.random.default_rng(2).random((4, 64), np.float32).round(4)
+    site = serve.write_web_demo(tmp_path / "site", onnx_path, x, ort_src=ort)
+    errors, blocked = [], []
+    page = _offline_page(browser, errors, blocked)
+    try:
+        with _static_server(site) as base:
+            page.goto(f"{base}/index.html")
+            page.wait_for_function("() => { const r = document.getElementById('result');"
+                                   " return r && r.textContent.trim().startsWith('{'); }", timeout=60_000)
+            result = json.loads(page.locator("#result").inner_text())
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SHOTS / "14-onnx-page.png"), full_page=True)
+    finally:
+        page.close()
+    np.testing.assert_allclose(result["probabilities"], predictor(x), atol=1e-5)
+    assert not errors and not blocked, (errors, blocked)
