@@ -230,3 +230,66 @@ def test_lever_model_rejects_impossible_inputs():
         memory.lever_model(20.0, 2.0, 16)
     with pytest.raises(ValueError, match="ceiling"):
         memory.lever_model(2.0, 100.0, 4)
+
+
+# --------------------------------------------------------------------------- explorer
+
+
+@pytest.mark.parametrize("variant", memory.EXPLORER_VARIANTS)
+def test_remat_model_matches_the_compiled_step_on_a_small_grid(variant):
+    # the closed forms against XLA's compiled memory analysis and cost model: within 2%
+    for depth, segment, width, batch in [(16, 4, 8, 256), (60, 8, 32, 2048), (48, 7, 16, 1024), (32, 16, 8, 512)]:
+        pred = memory.remat_model(variant, depth, segment, width, batch)
+        seg = segment if variant == "sqrt" else None
+        assert pred["total_bytes"] == pytest.approx(memory.activation_bytes(variant, depth, width, batch, seg)["total"],
+                                                    rel=0.02)
+        measured = memory.measure_remat_point(variant, depth, segment, width, batch)
+        assert measured["total_bytes"] == pytest.approx(pred["total_bytes"], rel=0.02)
+        assert measured["flops_per_layer"] == pytest.approx(pred["flops_per_layer"], rel=0.02)
+    d = 16
+    flops = memory.compiled_flops(memory.grad_fn(variant), *memory.shapes(d, 8, 256))
+    assert flops == pytest.approx(memory.remat_model(variant, d, 4, 8, 256)["flops_per_layer"], rel=0.02)
+
+
+def test_remat_model_counts_and_invariants():
+    n, k, d, B = 64, 8, 32, 2048
+    none, full, seg = (memory.remat_model(v, n, k, d, B) for v in ("none", "full", "sqrt"))
+    assert (none["kept_arrays"], full["kept_arrays"], seg["kept_arrays"]) == (3 * n, n, n // k + 3 * k)
+    assert seg["total_bytes"] < full["total_bytes"] < none["total_bytes"]
+    assert none["recompute_flops"] == 0 and none["flop_ratio"] == 1 and none["memory_ratio"] == 1
+    assert full["recompute_flops"] == seg["recompute_flops"] == n * 2 * B * d * d
+    assert full["flop_ratio"] == pytest.approx(4 / 3, rel=0.01)
+    assert memory.remat_model("sqrt", 60, 8, d, B)["segments"] == 8  # 7 of 8 layers and one of 4
+    assert memory.remat_model("none", n, 3, d, B) == memory.remat_model("none", n, 5, d, B)  # segment unused
+    assert all(type(v) in (int, float) for v in seg.values())
+    # activations are linear in the batch; segments are smallest near k = sqrt(n / c)
+    assert memory.remat_model("none", n, k, d, 2 * B)["activation_bytes"] == 2 * none["activation_bytes"]
+    by_k = {kk: memory.remat_model("sqrt", 1024, kk, d, B)["total_bytes"] for kk in range(1, 65)}
+    assert min(by_k, key=by_k.get) in (18, 19)
+
+
+def test_remat_model_refuses_bad_settings():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        memory.remat_model("dots_saveable", 16, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"segment must be an integer in 1\.\.16"):
+        memory.remat_model("sqrt", 16, 17, 8, 8)
+    with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        memory.remat_model("none", 16, 4, 8, 0)
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+        memory.remat_model("none", 0, 4, 8, 8)
+
+
+def test_remat_explorer_follows_its_controls_and_carries_a_static_figure():
+    e = memory.remat_explorer()
+    assert e.prediction == memory.remat_model(**e.settings, **e.context)
+    e.controls["depth"].value = 96
+    e.controls["variant"].value = "full"
+    assert e.prediction == memory.remat_model(**e.settings, **e.context)
+    assert e.prediction["kept_arrays"] == 96
+    e.controls["width"].value = 8
+    e.controls["batch"].value = 256
+    result = e.measure_now()
+    assert result is not None and result["total_bytes"] == pytest.approx(e.prediction["total_bytes"], rel=0.02)
+    bundle = e._repr_mimebundle_()
+    assert "image/png" in bundle and "predicted MiB" in bundle["text/plain"]
+    assert 'data-model="scalelab.memory:remat_model"' in e.result.value

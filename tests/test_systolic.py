@@ -244,3 +244,59 @@ def test_same_case_speedup_times_one_case():
     assert row["speedup"] == pytest.approx(row["loop_s"] / row["vectorised_s"])
     with pytest.raises(ValueError):
         systolic.same_case_speedup(0)
+
+
+# --------------------------------------------------------------------------- explorer
+
+
+@pytest.mark.parametrize("df", systolic.DATAFLOWS)
+def test_systolic_model_equals_the_simulator_on_a_small_grid(df):
+    for M, K, N, R, C in [(1, 1, 1, 1, 1), (3, 5, 2, 2, 3), (8, 8, 8, 8, 8), (9, 4, 7, 4, 2), (5, 12, 3, 3, 5)]:
+        pred = systolic.systolic_model(df, M, K, N, R, C)
+        a, b = _operands(M * 100 + K, M, K, N, integer=True)
+        res = systolic.simulate(a, b, R, C, df)
+        assert pred["cycles"] == res.cycles and pred["folds"] == res.folds
+        assert pred["cycles_per_fold"] == res.cycles_per_fold and pred["macs"] == res.macs
+        assert pred["utilization"] == pytest.approx(res.utilization, rel=1e-12)
+        measured = systolic.measure_systolic_point(df, M, K, N, R, C)
+        assert measured["cycles"] == pred["cycles"] and measured["exact"]
+
+
+def test_systolic_model_marks_the_3n_minus_2_case_and_keeps_its_invariants():
+    for n in (1, 4, 16, 128):
+        pred = systolic.systolic_model("os", n, n, n, n, n)
+        assert pred["single_fold_square"] and pred["folds"] == 1 and pred["cycles"] == 3 * n - 2
+        assert pred["three_n_minus_2"] == 3 * n - 2
+    assert not systolic.systolic_model("ws", 8, 8, 8, 8, 8)["single_fold_square"]
+    assert not systolic.systolic_model("os", 9, 8, 8, 8, 8)["single_fold_square"]
+    pred = systolic.systolic_model("ws", 100, 70, 33, 16, 8)
+    assert pred["cycles"] == pred["folds"] * pred["cycles_per_fold"]
+    assert 0 < pred["utilization"] <= 1 and pred["fewer_reads"] == pytest.approx(
+        pred["scalar_reads"] / pred["systolic_reads"])
+    assert all(type(v) in (int, float, bool) for v in pred.values())
+
+
+def test_systolic_model_refuses_bad_settings():
+    with pytest.raises(ValueError, match="unknown dataflow"):
+        systolic.systolic_model("xs", 4, 4, 4, 4, 4)
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        systolic.systolic_model("os", 4, 4, 4, 0, 4)
+    with pytest.raises(ValueError, match="K must be a positive integer"):
+        systolic.systolic_model("os", 4, 4.5, 4, 4, 4)
+    with pytest.raises(ValueError, match="PE-cycles"):
+        systolic.measure_systolic_point("os", 4096, 4096, 4096, 64, 64)
+
+
+def test_systolic_explorer_follows_its_controls_and_carries_a_static_figure():
+    e = systolic.systolic_explorer()
+    assert e.prediction == systolic.systolic_model(**e.settings, **e.context)
+    assert e.prediction["single_fold_square"] and e.prediction["cycles"] == 22
+    e.controls["M"].value = 10
+    e.controls["dataflow"].value = "ws"
+    assert e.prediction == systolic.systolic_model(**e.settings, **e.context)
+    assert e.prediction["cycles"] == systolic.cycle_count(10, 8, 8, 8, 8, "ws")
+    result = e.measure_now()
+    assert result is not None and result["cycles"] == e.prediction["cycles"]
+    bundle = e._repr_mimebundle_()
+    assert "image/png" in bundle and "cycles" in bundle["text/plain"]
+    assert 'data-model="scalelab.systolic:systolic_model"' in e.result.value

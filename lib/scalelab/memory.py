@@ -413,3 +413,143 @@ def bench_remat(quick: bool = False) -> dict[str, Any]:
 
 def _temp_output(mem: dict[str, int]) -> int:
     return mem["temp"] + mem["output"] - mem["alias"]
+
+
+# --------------------------------------------------------------------------- explorer
+
+#: The variants the explorer compares: no remat, per-layer remat, sqrt(n)-style segments.
+EXPLORER_VARIANTS = ("none", "full", "sqrt")
+#: Arrays of (batch, width) floats a layer keeps without remat: h_i, tanh(z_i), 1 - tanh(z_i)
+#: (section 1 of the chapter; XLA's CPU compiler keeps all three).
+KEPT_PER_LAYER = 3
+#: (batch, width) arrays of scratch every variant's step needs besides what it keeps (the
+#: gradient flowing back and the current layer's values), read off the compiled CPU program.
+SCRATCH_ARRAYS = 4
+
+
+def remat_model(variant: str, depth: int, segment: int, width: int, batch: int,
+                kept_per_layer: int = KEPT_PER_LAYER) -> dict[str, Any]:
+    """Gradient-step memory and FLOPs of the deep MLP from the chapter's closed forms (pure:
+    the explorer's model; nothing is compiled).
+
+    Memory, counted in float32 arrays of shape (batch, width), ``A = 4 * batch * width`` bytes:
+    without remat every layer keeps ``c = kept_per_layer`` of them (``c n``); per-layer remat
+    keeps each layer's input (``n``); segments of ``k = segment`` layers keep the input of each of
+    the ``ceil(n / k)`` segments (:func:`segment_sizes`) plus one segment's ``c k`` residuals while
+    it is differentiated (and that segment's weights and their gradient, ``2 k d^2`` floats).
+    Every variant adds :data:`SCRATCH_ARRAYS` arrays of scratch, the input ``x``, the weights and
+    the gradient (``n d^2`` floats each). ``segment`` matters only for ``"sqrt"``.
+
+    FLOPs per layer: the forward matmul ``2 B d^2``, the backward's two (``4 B d^2``) and
+    ``6 B d`` of element-wise work; remat (per layer or segments) runs every layer's forward
+    again, ``2 B d^2`` more: the 4/3 of the chapter.
+    """
+    if variant not in EXPLORER_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(EXPLORER_VARIANTS)}, got {variant!r}")
+    _check_sizes(depth=depth, segment=segment, width=width, batch=batch, kept_per_layer=kept_per_layer)
+    k, full, rest = segment_sizes(depth, segment) if variant == "sqrt" else (int(segment), 0, 0)
+    n, d, B, c = int(depth), int(width), int(batch), int(kept_per_layer)
+    array = 4 * B * d
+    if variant == "none":
+        kept, extra = c * n, 0
+    elif variant == "full":
+        kept, extra = n, 0
+    else:
+        kept, extra = full + (1 if rest else 0) + c * k, 2 * k * d * d * 4
+    fixed = 2 * n * d * d * 4 + array + SCRATCH_ARRAYS * array
+    activation = kept * array
+    total = fixed + activation + extra
+    base_layer = 6 * B * d * d + 6 * B * d
+    recompute_layer = 0 if variant == "none" else 2 * B * d * d
+    flops_layer = base_layer + recompute_layer
+    return {
+        "kept_arrays": int(kept),
+        "activation_bytes": int(activation),
+        "total_bytes": int(total),
+        "total_mib": float(total / 2**20),
+        "segments": int(full + (1 if rest else 0)) if variant == "sqrt" else 0,
+        "flops_per_layer": float(flops_layer),
+        "step_flops": float(n * flops_layer),
+        "recompute_flops": float(n * recompute_layer),
+        "flop_ratio": float(flops_layer / base_layer),
+        "memory_ratio": float(total / (fixed + c * n * array)),
+    }
+
+
+def measure_remat_point(variant: str, depth: int, segment: int, width: int, batch: int) -> dict[str, Any]:
+    """Compile the real gradient step at that setting (nothing is run): XLA's total bytes
+    (:func:`compiled_bytes`) and its FLOPs for one layer (:func:`flops_of`; XLA's cost model
+    counts a loop body once, i.e. one layer, so the segmented variant is counted at a depth the
+    segment divides; with a single segment XLA folds the outer loop away and its count is not
+    one layer's)."""
+    if variant not in EXPLORER_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(EXPLORER_VARIANTS)}, got {variant!r}")
+    remat_model(variant, depth, segment, width, batch)  # the same checks, the same message
+    k, full, rest = segment_sizes(depth, segment) if variant == "sqrt" else (segment, 0, 0)
+    seg = k if variant == "sqrt" else None
+    compiled = grad_fn(variant, seg).lower(*shapes(depth, width, batch)).compile()
+    from scalelab import parallel
+
+    total = parallel.compiled_memory(compiled)["total"]
+    if variant == "sqrt" and rest:  # one loop structure: whole segments only
+        compiled = grad_fn(variant, seg).lower(*shapes(full * k, width, batch)).compile()
+    return {"depth": int(depth), "total_bytes": int(total), "total_mib": total / 2**20,
+            "flops_per_layer": flops_of(compiled)}
+
+
+def remat_explorer(info: Any = None):
+    """The remat explorer: a variant (no remat, per-layer, segments), depth, segment length,
+    batch and width -> the gradient step's memory and recompute FLOPs from the closed forms;
+    "measure this point" compiles the real step there and plots XLA's numbers beside them."""
+    from scalelab import env, plot, widgets
+
+    names = {"none": "no remat", "full": "per-layer remat", "sqrt": "segments"}
+
+    def draw(settings, pred, points):
+        fig, (left, right) = plot.figure(ncols=2, width=10, height=3.9)
+        depth, k, d, B = settings["depth"], settings["segment"], settings["width"], settings["batch"]
+        depths = np.unique(np.geomspace(max(k, 2), max(1024, 2 * depth), 60).astype(int))
+        for i, v in enumerate(EXPLORER_VARIANTS):
+            current = v == settings["variant"]
+            kw = {"linewidth": 2.0 if current else 0.9, "alpha": 1.0 if current else 0.55, "color": f"C{i}"}
+            label = names[v] + (f" (k = {k})" if v == "sqrt" else "") + (" (current)" if current else "")
+            left.plot(depths, [remat_model(v, int(n), k, d, B)["total_mib"] for n in depths], label=label, **kw)
+            right.plot(depths, [remat_model(v, int(n), k, d, B)["step_flops"] / 1e9 for n in depths],
+                       ls="--" if v == "full" else "-", **kw)  # per-layer and segments: the same FLOPs
+        sq = [remat_model("sqrt", int(n), max(1, round(math.sqrt(n))), d, B)["total_mib"] for n in depths]
+        left.plot(depths, sq, color="C2", ls=":", lw=1, label="segments, k = round(sqrt(n))")
+        colour = f"C{EXPLORER_VARIANTS.index(settings['variant'])}"
+        left.scatter([depth], [pred["total_mib"]], s=60, color=colour, zorder=3,
+                     label=f"this setting: {pred['total_mib']:.1f} MiB predicted")
+        right.scatter([depth], [pred["step_flops"] / 1e9], s=60, color=colour, zorder=3)
+        for j, p in enumerate(points):
+            r = p["result"]
+            left.scatter([r["depth"]], [r["total_mib"]], marker="*", s=140, color="C3", zorder=5,
+                         label="compiled (measure)" if j == 0 else None)
+            right.scatter([r["depth"]], [r["flops_per_layer"] * r["depth"] / 1e9], marker="*", s=140,
+                          color="C3", zorder=5)
+        left.set(xscale="log", yscale="log", xlabel="depth (layers)", ylabel="MiB (gradient step)",
+                 title=f"memory, width {d}, batch {B}")
+        right.set(xscale="log", yscale="log", xlabel="depth (layers)", ylabel="GFLOP per step",
+                  title="arithmetic: remat x{:.2f} (one more forward)".format(
+                      remat_model("full", depth, k, d, B)["flop_ratio"]))
+        left.legend(fontsize=7, loc="upper left")
+        plot.label(fig, info or env.describe(), source="closed-form model (stars: compiled by XLA)", devices=1)
+        return fig
+
+    controls = {
+        "variant": widgets.dropdown("variant", [(names[v], v) for v in EXPLORER_VARIANTS], value="sqrt"),
+        "depth": widgets.slider("depth (layers)", 64, 16, 1024, step=16, integer=True),
+        "segment": widgets.slider("segment k", 8, 1, 64, integer=True),
+        "batch": widgets.slider("batch", 2048, 256, 4096, step=256, integer=True),
+        "width": widgets.slider("width", 32, 8, 128, step=8, integer=True),
+    }
+    return widgets.Explorer(
+        "remat", "Rematerialisation explorer", controls, remat_model, draw,
+        measure=measure_remat_point,
+        shown=["total_mib", "kept_arrays", "segments", "memory_ratio", "recompute_flops", "flop_ratio"],
+        labels={"total_mib": "predicted MiB", "kept_arrays": "kept (batch, width) arrays",
+                "memory_ratio": "of no remat", "recompute_flops": "recompute FLOPs",
+                "flop_ratio": "FLOPs vs no remat (x)"},
+        note="'measure this point' compiles the real gradient step at this setting (nothing runs) and "
+             "plots XLA's bytes and FLOPs.")

@@ -943,3 +943,111 @@ def bench_systolic(quick: bool = False) -> dict[str, Any]:
         "reference_matches": all(r["matches"] for r in same),
         "speedup_vs_loop": top["speedup"],
     }
+
+
+# --------------------------------------------------------------------------- explorer
+
+MEASURE_PE_CYCLES = 50_000_000  # "measure this point" simulates up to this many PE-cycles (about a second)
+
+
+def systolic_model(dataflow: str, M: int, K: int, N: int, rows: int, cols: int) -> dict[str, Any]:
+    """Cycles, folds and utilisation of one GEMM on one array (pure: the explorer's model).
+
+    ``a`` is M x K, ``b`` K x N, the array ``rows`` x ``cols`` with ``dataflow`` "os", "ws" or
+    "is". Everything follows the closed forms of this module (:func:`cycle_count`,
+    :func:`fold_count`, :func:`cycles_per_fold`, :func:`utilization`, :func:`memory_traffic`).
+    ``single_fold_square`` marks the case of the chapter's headline: M = K = N = rows = cols = n
+    in output-stationary, one fold of 3n - 2 cycles.
+    """
+    df = _check_dataflow(dataflow)
+    M, K, N, R, C = _check_shape(M, K, N, rows, cols)
+    traffic = memory_traffic(M, K, N, R, C, df)
+    cycles = cycle_count(M, K, N, R, C, df)
+    return {
+        "cycles": int(cycles),
+        "folds": int(fold_count(M, K, N, R, C, df)),
+        "cycles_per_fold": int(cycles_per_fold(M, K, N, R, C, df)),
+        "macs": int(M * K * N),
+        "utilization": float(utilization(M, K, N, R, C, df)),
+        "systolic_reads": int(traffic.systolic_reads),
+        "scalar_reads": int(traffic.scalar_operand_reads),
+        "fewer_reads": float(traffic.reduction),
+        "single_fold_square": bool(df == "os" and M == K == N == R == C),
+        "three_n_minus_2": int(3 * R - 2) if M == K == N == R == C else 0,
+    }
+
+
+def measure_systolic_point(dataflow: str, M: int, K: int, N: int, rows: int, cols: int,
+                           seed: int = 0) -> dict[str, Any]:
+    """Run :func:`simulate` on random integer operands of that shape: its cycles, utilisation and
+    whether the product is exact. Refuses GEMMs over :data:`MEASURE_PE_CYCLES` PE-cycles (the
+    simulator would take more than a second or two there; the model needs no simulation)."""
+    df = _check_dataflow(dataflow)
+    M, K, N, R, C = _check_shape(M, K, N, rows, cols)
+    pe_cycles = cycle_count(M, K, N, R, C, df) * R * C
+    if pe_cycles > MEASURE_PE_CYCLES:
+        raise ValueError(f"{M}x{K}x{N} on a {R}x{C} array is {pe_cycles:,} PE-cycles to simulate; "
+                         f"the measurement simulates at most {MEASURE_PE_CYCLES:,} (pick a smaller GEMM or array)")
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-8, 8, size=(M, K))
+    b = rng.integers(-8, 8, size=(K, N))
+    res = simulate(a, b, R, C, df)
+    return {"cycles": int(res.cycles), "utilization": float(res.utilization), "M": M,
+            "exact": bool(np.array_equal(res.output, a @ b))}
+
+
+def systolic_explorer(info: env.EnvInfo | None = None):
+    """The systolic-array explorer: a dataflow, a GEMM shape (M, K, N) and an array (rows, cols)
+    -> cycles, folds and utilisation from the closed form; "measure this point" runs the
+    cycle-level simulator at that setting and puts its cycle count on the curve."""
+    from scalelab import widgets
+
+    def draw(settings, pred, points):
+        fig, (left, right) = plot.figure(ncols=2, width=10, height=3.9)
+        df, K, N, R, C = (settings[k] for k in ("dataflow", "K", "N", "rows", "cols"))
+        hi = max(64, 2 * settings["M"])
+        ms = np.arange(1, hi + 1)
+        for i, other in enumerate(DATAFLOWS):
+            current = other == df
+            kw = {"linewidth": 2.0 if current else 0.9, "alpha": 1.0 if current else 0.5, "color": f"C{i}"}
+            left.plot(ms, [cycle_count(int(m), K, N, R, C, other) for m in ms],
+                      label=f"{other.upper()}" + (" (current)" if current else ""), **kw)
+            right.plot(ms, [utilization(int(m), K, N, R, C, other) for m in ms], **kw)
+        colour = f"C{DATAFLOWS.index(df)}"
+        left.scatter([settings["M"]], [pred["cycles"]], s=60, color=colour, zorder=3,
+                     label=f"this setting: {pred['cycles']:,} cycles")
+        right.scatter([settings["M"]], [pred["utilization"]], s=60, color=colour, zorder=3)
+        if K == N == R == C:  # the 3n-2 case lies on the OS curve at M = n
+            n = R
+            left.scatter([n], [3 * n - 2], s=110, marker="D", facecolor="none", edgecolor="k", zorder=4,
+                         label=f"3n-2 case (M=K=N=rows=cols={n}, OS): {3 * n - 2} cycles")
+        else:
+            left.plot([], [], " ", label="3n-2 case: set M=K=N=rows=cols, OS")
+        for j, p in enumerate(points):
+            r = p["result"]
+            left.scatter([r["M"]], [r["cycles"]], marker="*", s=140, color="C3", zorder=5,
+                         label="simulated (measure)" if j == 0 else None)
+            right.scatter([r["M"]], [r["utilization"]], marker="*", s=140, color="C3", zorder=5)
+        left.set(xlabel=f"M (rows of a; K={K}, N={N}, array {R}x{C})", ylabel="cycles",
+                 title="cycles = folds x cycles per fold")
+        right.set(xlabel="M", ylabel="utilisation", ylim=(0, 1.02), title="utilisation = MACs / (cycles x PEs)")
+        left.legend(fontsize=7, loc="upper left")
+        plot.label(fig, info, source="closed-form model (stars: simulated)", devices=_host())
+        return fig
+
+    controls = {
+        "dataflow": widgets.dropdown("dataflow", list(DATAFLOWS)),
+        "M": widgets.slider("M", 8, 1, 256, integer=True),
+        "K": widgets.slider("K", 8, 1, 256, integer=True),
+        "N": widgets.slider("N", 8, 1, 256, integer=True),
+        "rows": widgets.slider("rows", 8, 1, 64, integer=True),
+        "cols": widgets.slider("cols", 8, 1, 64, integer=True),
+    }
+    return widgets.Explorer(
+        "systolic", "Systolic-array explorer", controls, systolic_model, draw,
+        measure=lambda dataflow, M, K, N, rows, cols: measure_systolic_point(dataflow, M, K, N, rows, cols),
+        shown=["cycles", "folds", "cycles_per_fold", "utilization", "fewer_reads", "single_fold_square"],
+        labels={"cycles_per_fold": "cycles/fold", "utilization": "utilisation",
+                "fewer_reads": "fewer reads than a scalar loop (x)", "single_fold_square": "3n-2 case"},
+        note="'measure this point' runs the cycle-level simulator on random integers of that shape "
+             f"(up to {MEASURE_PE_CYCLES:,} PE-cycles).")
