@@ -1,4 +1,5 @@
 import contextlib
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -591,3 +592,97 @@ def test_workers_exit_when_the_consumer_is_killed(store, tmp_path, thread):
             with contextlib.suppress(ProcessLookupError):
                 if _alive(p):
                     os.kill(p, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- the explorer's model
+
+
+def _model_ms(**kw):
+    return pl.pipeline_model(**{"extract_ms": 2.0, "transform_ms": 12.0, "load_ms": 2.0, "step_ms": 4.0,
+                                "workers": 2, "prefetch": 2, **kw})
+
+
+def test_pipeline_model_sequential_is_the_sum_of_stages():
+    m = _model_ms(workers=1, prefetch=0)
+    assert m["ms_per_batch"] == pytest.approx(20.0, rel=1e-12)
+    assert m["batches_per_s"] == pytest.approx(m["sequential_batches_per_s"], rel=1e-12)
+    assert m["speedup_vs_sequential"] == pytest.approx(1.0, rel=1e-12)
+    assert m["step_utilisation"] == pytest.approx(4.0 / 20.0, rel=1e-12)
+    # one batch after another: every span starts when the previous one ends
+    spans = sorted(m["spans"], key=lambda s: s[3])
+    assert all(a[4] == pytest.approx(b[3]) for a, b in itertools.pairwise(spans))
+
+
+@pytest.mark.parametrize("e,t,ld,s,w", [(2, 12, 2, 4, 2), (2, 12, 2, 4, 3), (1, 30, 3, 3, 4), (0, 5, 10, 2, 1),
+                                        (4.5, 7.5, 0.5, 9.0, 8)])
+def test_pipeline_model_with_room_enough_is_the_slowest_stage(e, t, ld, s, w):
+    m = pl.pipeline_model(e, t, ld, s, w, prefetch=64, batches=256)
+    expected = max(ld + s, (e + t) / w)
+    assert m["ms_per_batch"] == pytest.approx(expected, rel=1e-9)
+    assert m["bound"] == ("producers" if (e + t) / w >= ld + s else "consumer")
+    # the library's bound (load in its own thread) agrees when loading costs nothing
+    stages = {"extract": e / 1e3, "transform": t / 1e3, "load": 0.0}
+    m0 = pl.pipeline_model(e, t, 0.0, ld + s, w, prefetch=64, batches=256)
+    assert m0["ms_per_batch"] / 1e3 == pytest.approx(pl.bound_seconds(stages, (ld + s) / 1e3, w), rel=1e-9)
+
+
+def test_pipeline_model_invariants():
+    base = _model_ms()
+    for w in (1, 2, 3, 4, 8):
+        for p in (0, 1, 2, 4):
+            m = _model_ms(workers=w, prefetch=p)
+            # never faster than any stage allows, never slower than the sequential loop
+            assert m["ms_per_batch"] >= max(6.0, 14.0 / w) - 1e-9
+            assert m["ms_per_batch"] <= 20.0 + 1e-9
+            assert 0 < m["step_utilisation"] <= 1 + 1e-12
+            # more workers or more prefetch never slow it down
+            assert _model_ms(workers=w + 1, prefetch=p)["ms_per_batch"] <= m["ms_per_batch"] + 1e-9
+            assert _model_ms(workers=w, prefetch=p + 1)["ms_per_batch"] <= m["ms_per_batch"] + 1e-9
+    assert base == _model_ms()  # deterministic
+    assert _model_ms(workers=2, prefetch=0)["bound"] == "prefetch depth"  # (14 + 6) / 2 > 14 / 2 and 6
+    lanes = {s[0] for s in base["spans"]}
+    assert lanes == {"main", "worker 1", "worker 2"}
+    assert {s[1] for s in base["spans"]} == {"extract", "transform", "load", "compute"}
+    assert len(base["spans"]) == 4 * 12 and all(s[4] >= s[3] for s in base["spans"])
+    tl = pl.model_timeline(base["spans"])
+    assert len(tl.events) == 48 and set(tl.median_seconds()) == {"extract", "transform", "load", "compute"}
+
+
+@pytest.mark.parametrize("kw,match", [({"extract_ms": -1.0}, "extract_ms must be a finite number"),
+                                      ({"step_ms": float("nan")}, "step_ms must be"),
+                                      ({"load_ms": "2"}, "load_ms must be"),
+                                      ({"workers": 0}, "workers must be an integer >= 1"),
+                                      ({"workers": 1.5}, "workers must be an integer"),
+                                      ({"prefetch": -1}, "prefetch must be an integer >= 0"),
+                                      ({"batches": 4}, "batches must be an integer >= 8"),
+                                      ({"extract_ms": 0.0, "transform_ms": 0.0, "load_ms": 0.0, "step_ms": 0.0},
+                                       "at least one stage time must be positive")])
+def test_pipeline_model_rejects_bad_input(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _model_ms(**kw)
+
+
+def test_sleep_stages_pickle_and_run():
+    src, aug = pl.SleepBatches(4, 0.0), pl.SleepAugment(transform_s=0.0)
+    src2, aug2 = pickle.loads(pickle.dumps(src)), pickle.loads(pickle.dumps(aug))
+    assert len(src2) == 4 and src2.order(0, 0) == [0, 1, 2, 3] and aug2.transform_s == 0.0
+    assert aug2(src2.read(3), 0, 3).ravel()[0] == 3
+    with pytest.raises(ValueError, match="extract_s"):
+        pl.SleepBatches(4, -1.0)
+
+
+def test_pipeline_explorer_and_measure():
+    e = pl.pipeline_explorer()
+    assert e.prediction == pl.pipeline_model(**e.settings, **e.context)
+    e.controls["workers"].value = 3
+    e.controls["prefetch"].value = 4
+    assert e.settings["workers"] == 3
+    assert e.prediction == pl.pipeline_model(**e.settings, **e.context)
+    assert "image/png" in e._repr_mimebundle_()
+    start = time.perf_counter()
+    got = e.measure_now()
+    assert time.perf_counter() - start < 10
+    assert got is not None and got["workers"] == 3
+    # sleeping stages: the real pipeline comes close to the model, never faster than its bound
+    assert 0.6 * e.prediction["batches_per_s"] < got["batches_per_s"] < 1.1 * e.prediction["batches_per_s"]
+    assert len(e.measured) == 1 and multiprocessing.active_children() == []

@@ -1391,6 +1391,175 @@ def bench_pipeline(quick: bool = False, folder=None) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- explorer
+
+
+def _stage_ms(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number of milliseconds >= 0, got {value!r}")
+    return float(value)
+
+
+def pipeline_model(extract_ms: float, transform_ms: float, load_ms: float, step_ms: float, workers: int,
+                   prefetch: int, batches: int = 64, show: int = 12) -> dict[str, Any]:
+    """A discrete-event model of an input pipeline (pure and deterministic: the explorer's model).
+
+    ``workers`` producers each extract + transform one batch at a time (a batch goes to the
+    producer free first); one consumer takes the batches in order, loads each to the devices and
+    then steps on it. At most ``workers + prefetch`` batches are in flight, from the start of
+    their extract to the end of their step: ``workers=1, prefetch=0`` is the sequential loop;
+    with room enough, the slowest of producer time / workers and load + step sets the pace.
+
+    Returns the steady throughput (batches/s, over the second half of ``batches``) and its
+    inverse in ms, the sequential loop's throughput and the speed-up over it, the fraction of
+    time the step runs, the ``bound`` (``"producers"``, ``"consumer"`` or ``"prefetch depth"``:
+    the largest of producer / workers, load + step, and the in-flight window
+    (producer + load + step) / (workers + prefetch)), and ``spans``: the Gantt bars of the first
+    ``show`` batches, ``[lane, stage, batch, start_ms, end_ms]`` (stage: extract, transform,
+    load, compute; lane: ``worker i`` or ``main``, the consumer).
+    """
+    e, t = _stage_ms("extract_ms", extract_ms), _stage_ms("transform_ms", transform_ms)
+    ld, s = _stage_ms("load_ms", load_ms), _stage_ms("step_ms", step_ms)
+    for name, value, lo in (("workers", workers, 1), ("prefetch", prefetch, 0), ("batches", batches, 8),
+                            ("show", show, 1)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    workers, prefetch, batches, show = int(workers), int(prefetch), int(batches), int(show)
+    produce, consume_ms = e + t, ld + s
+    if produce + consume_ms <= 0:
+        raise ValueError("at least one stage time must be positive (all four are 0 ms)")
+    window = workers + prefetch
+    free = [0.0] * workers  # when each producer is next free
+    done: list[float] = []  # end of each batch's step
+    spans: list[list[Any]] = []
+    for b in range(batches):
+        w = min(range(workers), key=lambda i: (free[i], i))
+        start = max(free[w], done[b - window] if b >= window else 0.0)
+        produced = start + produce
+        free[w] = produced
+        begin = max(produced, done[-1] if done else 0.0)
+        done.append(begin + consume_ms)
+        if b < show:
+            lane = f"worker {w + 1}"
+            spans += [[lane, "extract", b, start, start + e], [lane, "transform", b, start + e, produced],
+                      ["main", "load", b, begin, begin + ld], ["main", "compute", b, begin + ld, done[-1]]]
+    half = batches // 2
+    ms_per_batch = (done[-1] - done[half - 1]) / (batches - half)
+    limits = {"producers": produce / workers, "consumer": consume_ms, "prefetch depth": (produce + consume_ms) / window}
+    sequential_ms = produce + consume_ms
+    return {
+        "batches_per_s": 1e3 / ms_per_batch, "ms_per_batch": ms_per_batch,
+        "sequential_batches_per_s": 1e3 / sequential_ms, "speedup_vs_sequential": sequential_ms / ms_per_batch,
+        "step_utilisation": s / ms_per_batch,
+        "bound": max(limits, key=lambda k: limits[k]),  # ties: the first (producers, then consumer)
+        "spans": spans,
+    }
+
+
+def model_timeline(spans: Sequence[Sequence[Any]]) -> Timeline:
+    """A :class:`Timeline` of :func:`pipeline_model`'s spans (ms), to draw with :func:`plot_timeline`."""
+    tl = Timeline()
+    tl.extend([Event(stage, lane, int(batch), start / 1e3, end / 1e3) for lane, stage, batch, start, end in spans])
+    return tl
+
+
+class SleepBatches:
+    """A synthetic batch source: ``batches`` tiny batches, each read waits ``extract_s`` (a sleep)."""
+
+    def __init__(self, batches: int, extract_s: float = 0.0):
+        if batches < 1 or extract_s < 0:
+            raise ValueError(f"need batches >= 1 and extract_s >= 0, got {batches}, {extract_s}")
+        self.batches, self.extract_s = list(range(batches)), float(extract_s)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def order(self, epoch: int, seed: int) -> list[int]:
+        return list(self.batches)
+
+    def read(self, batch: int) -> np.ndarray:
+        time.sleep(self.extract_s)
+        return np.full((1, 1, 1, 3), batch, dtype=np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SleepAugment(Augment):
+    """A synthetic transform that waits ``transform_s`` (a sleep) and returns the batch as is."""
+
+    transform_s: float = 0.0
+
+    def __call__(self, images: np.ndarray, epoch: int, batch: int) -> np.ndarray:
+        time.sleep(self.transform_s)
+        return images
+
+
+def measure_pipeline_point(extract_ms: float, transform_ms: float, load_ms: float, step_ms: float,
+                           workers: int, prefetch: int, seconds: float = 1.0) -> dict[str, float]:
+    """Run :class:`Pipeline` with synthetic sleeping stages at one setting of :func:`pipeline_model`.
+
+    ``workers`` worker processes extract (:class:`SleepBatches`) and transform
+    (:class:`SleepAugment`); the consumer loads and steps (two sleeps), as the model's consumer
+    does. The pipeline's prefetch is at least 1 (``prefetch=0`` runs with 1), and it holds more
+    batches in flight than the model's window (its queues: see :class:`Pipeline`), so the two
+    agree where producers or consumer bound, less where the prefetch depth does. About
+    ``seconds`` of steady state is timed, after :func:`steady_skip` start-up batches."""
+    pred = pipeline_model(extract_ms, transform_ms, load_ms, step_ms, workers, prefetch)
+    depth = max(int(prefetch), 1)
+    skip = steady_skip(int(workers), depth)
+    timed = int(min(max(seconds * pred["batches_per_s"], 8), 400))
+    source = SleepBatches(skip + timed, extract_ms / 1e3)
+    augment = SleepAugment(transform_s=transform_ms / 1e3)
+    load_s, step_s = load_ms / 1e3, step_ms / 1e3
+
+    def step(batch) -> None:
+        time.sleep(load_s)
+        time.sleep(step_s)
+
+    with Pipeline(source, augment, lambda x: x, workers=int(workers), prefetch=depth, timeout=60) as pipe:
+        s = consume(iter(pipe), step, skip + timed, skip=skip)
+    return {"workers": int(workers), "prefetch": depth, "batches_per_s": 1.0 / s}
+
+
+def pipeline_explorer(info=None):
+    """The pipeline explorer: stage times, workers and prefetch depth -> the modelled timeline (Gantt)
+    and throughput; "measure this point" runs :class:`Pipeline` with sleeping stages at that setting."""
+    from scalelab import env, plot, widgets
+
+    def draw(settings, pred, points):
+        fig, (gantt, curve) = plot.figure(ncols=2, width=10.5, height=3.9, width_ratios=[2.2, 1])
+        plot_timeline(model_timeline(pred["spans"]), f"Model: first batches, {pred['ms_per_batch']:.3g} ms per "
+                      f"batch, {pred['bound']}-bound", ax=gantt)
+        ws = list(range(1, 9))
+        others = {k: v for k, v in settings.items() if k != "workers"}
+        curve.plot(ws, [pipeline_model(workers=w, **others)["batches_per_s"] for w in ws], color="k", marker=".",
+                   label="model")
+        curve.scatter([settings["workers"]], [pred["batches_per_s"]], s=60, color="C0", zorder=3,
+                      label="this setting")
+        same = [p for p in points if {k: v for k, v in p["settings"].items() if k != "workers"} == others]
+        for i, p in enumerate(same):
+            curve.scatter([p["settings"]["workers"]], [p["result"]["batches_per_s"]], marker="*", s=120,
+                          color="C3", zorder=4, label="measured (sleeping stages)" if i == 0 else None)
+        curve.set(xlabel="workers", ylabel="batches / s", title="Throughput", ylim=(0, None))
+        curve.legend(fontsize=7, loc="lower right")
+        plot.label(fig, info or env.describe(), source="model; stars: Pipeline with sleeping stages, host only",
+                   devices=1)
+        return fig
+
+    ms = {"extract_ms": ("extract (ms)", 2.0), "transform_ms": ("transform (ms)", 12.0),
+          "load_ms": ("load (ms)", 2.0), "step_ms": ("step (ms)", 4.0)}
+    controls = {"workers": widgets.dropdown("workers", [1, 2, 3, 4, 6, 8], 2)}
+    controls |= {k: widgets.slider(d, v, 0.0, 40.0, 0.5) for k, (d, v) in ms.items()}
+    controls["prefetch"] = widgets.slider("prefetch", 2, 0, 8, 1, integer=True)
+    return widgets.Explorer(
+        "pipeline", "Input pipeline explorer", controls, pipeline_model, draw,
+        measure=measure_pipeline_point,
+        shown=["batches_per_s", "ms_per_batch", "bound", "step_utilisation", "speedup_vs_sequential"],
+        labels={"batches_per_s": "batches/s", "ms_per_batch": "ms per batch", "step_utilisation": "step busy",
+                "speedup_vs_sequential": "speed-up vs sequential"},
+        note="'measure this point' runs the library's Pipeline for about a second with worker processes that "
+             "sleep through extract and transform and a consumer that sleeps through load and step.")
+
+
 __all__ = [
     "READ_LATENCY_S",
     "STEP_FRACTION",
@@ -1401,6 +1570,8 @@ __all__ = [
     "HDF5Batches",
     "HDF5Records",
     "Pipeline",
+    "SleepAugment",
+    "SleepBatches",
     "SlowReads",
     "Timeline",
     "WorkerDiedError",
@@ -1417,7 +1588,11 @@ __all__ = [
     "limit_blas_threads",
     "make_loader",
     "make_patch_store",
+    "measure_pipeline_point",
+    "model_timeline",
     "parallel_reads",
+    "pipeline_explorer",
+    "pipeline_model",
     "pipeline_seconds",
     "plot_timeline",
     "producer_seconds",
