@@ -371,3 +371,57 @@ def test_ring_schedule_covers_every_chunk():
         sent = [r[f"device {device}"].split()[1] for r in rows if r["phase"] == "all-gather"]
         owned = str((device + 1) % 4)  # the chunk this device completed in reduce-scatter
         assert sent[0] == owned and len(set(sent)) == 3
+
+
+# --------------------------------------------------------------------------- the staleness explorer
+
+
+def test_staleness_model_is_the_chapters_training(split):
+    """The model summarises staleness_sweep's runs: same curves, same steps to the target."""
+    pred = dist.staleness_model(2, 4, 0.5, steps=60, target=1.0)
+    sync, *asyncs = dist.staleness_sweep(split, workers=(2,), taus=(4,), steps=60, lr=0.5, eval_every=10)
+    assert pred["sync_loss"] == [float(v) for v in sync.loss]
+    assert pred["async_loss"] == [float(v) for v in asyncs[0].loss]
+    assert pred["steps"] == [int(s) for s in sync.steps]
+    assert pred["sync_final_loss"] == sync.final_loss and pred["async_final_loss"] == asyncs[0].final_loss
+    assert pred["sync_steps_to_target"] == dist.steps_to_loss(sync, 1.0)
+    assert pred["async_steps_to_target"] == dist.steps_to_loss(asyncs[0], 1.0)
+    assert pred["sync_gradients_to_target"] == 2 * pred["sync_steps_to_target"]
+    assert pred["start_loss"] == pytest.approx(np.log(10)) and pred["sync_loss"][0] == pytest.approx(np.log(10))
+
+
+def test_staleness_model_invariants():
+    fresh = dist.staleness_model(1, 0, 0.5, steps=50)
+    # one worker and no delay: the async server IS synchronous SGD
+    assert fresh["sync_loss"] == fresh["async_loss"] and not fresh["async_diverged"]
+    again = dist.staleness_model(1, 0, 0.5, steps=50)
+    assert again == fresh  # deterministic
+    # an enormous rate with a long delay: the stale updates overshoot, the loss ends above its start
+    wild = dist.staleness_model(4, 64, 5.0, steps=200)
+    assert wild["async_diverged"] and wild["async_final_loss"] > wild["start_loss"]
+    assert wild["async_steps_to_target"] is None and wild["async_gradients_to_target"] is None
+    for key in ("sync_final_loss", "async_final_loss", "sync_accuracy", "async_accuracy", "start_loss"):
+        assert type(wild[key]) is float
+    assert type(wild["async_diverged"]) is bool
+
+
+def test_staleness_model_refuses_bad_settings():
+    for kwargs, match in [({"workers": 0}, "workers"), ({"tau": -1}, "tau"), ({"lr": 0.0}, "lr"),
+                          ({"lr": float("inf")}, "lr"), ({"steps": 0}, "steps"), ({"target": 0}, "target"),
+                          ({"workers": 2.5}, "workers")]:
+        args = {"workers": 2, "tau": 0, "lr": 0.5, "steps": 10, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            dist.staleness_model(**args)
+
+
+def test_staleness_explorer_follows_its_controls():
+    e = dist.staleness_explorer(steps=60)
+    assert e.prediction == dist.staleness_model(**e.settings, **e.context)
+    e.controls["tau"].value = 10
+    e.controls["workers"].value = 8
+    assert e.settings["tau"] == 10 and e.settings["workers"] == 8
+    assert e.prediction == dist.staleness_model(**e.settings, **e.context)
+    bundle = e._repr_mimebundle_()
+    assert "image/png" in bundle and "async diverged" in bundle["text/plain"]
+    assert 'data-model="scalelab.distributed:staleness_model"' in e.result.value
+    assert e.button is None  # the model is the training: nothing separate to measure

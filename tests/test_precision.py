@@ -447,3 +447,75 @@ def test_committed_matmul_rows_and_spec_ratios():
     assert precision.spec_ratios("TPU v5e")["bf16 / tf32"] is None
     with pytest.raises(ValueError, match="no published spec"):
         precision.spec_ratios("GPU X")
+
+
+# --------------------------------------------------------------------------- the loss-scale explorer
+
+
+@pytest.mark.parametrize("fmt", precision.LOSS_SCALE_FORMATS)
+def test_cast_thresholds_decide_every_value_as_the_cast_does(fmt):
+    """Round to nearest, ties to even: the midpoints themselves are the hardest values."""
+    t = precision.cast_thresholds(fmt)
+    edges = [t["zero_max"], t["normal_min"], t["inf_min"], t["smallest_subnormal"], t["smallest_normal"], t["max"]]
+    probes = np.array([e * f for e in edges for f in (1 - 2.0 ** -20, 1.0, 1 + 2.0 ** -20)], np.float64)
+    probes = probes[np.isfinite(probes.astype(np.float32)) & (probes.astype(np.float32) > 0)]
+    x = probes.astype(np.float32)
+    with np.errstate(over="ignore"):
+        cast = np.abs(x.astype(precision.format_dtype(fmt)).astype(np.float32))
+    y = x.astype(np.float64)
+    assert np.array_equal(cast == 0, y <= t["zero_max"])
+    assert np.array_equal((cast > 0) & (cast < t["smallest_normal"]), (y > t["zero_max"]) & (y < t["normal_min"]))
+    assert np.array_equal(np.isinf(cast), y >= t["inf_min"])
+    if fmt == "float16":
+        assert (t["zero_max"], t["inf_min"]) == (2.0 ** -25, 65520.0)
+
+
+def test_loss_scale_model_counts_what_the_cast_does():
+    g = precision.step_gradients(0)
+    for fmt in precision.LOSS_SCALE_FORMATS:
+        for k in (-8, 0, 6, 20, 32):
+            pred = precision.loss_scale_model(k, fmt, epochs=0)
+            got = precision.measure_loss_scale_point(k, fmt, epochs=0)
+            assert {key: pred[key] for key in got} == got
+    # the chapter's own counters agree (on these gradients, which have no exact zeros)
+    pred = precision.loss_scale_model(-4, "float16", epochs=0)
+    assert pred["exact_zeros"] == 0
+    assert pred["underflow_fraction"] == pytest.approx(precision.underflow_fraction(g, scale=2.0 ** -4), abs=1e-7)
+    high = precision.loss_scale_model(30, "float16", epochs=0)
+    assert high["overflow_fraction"] == pytest.approx(precision.overflow_fraction(g, scale=2.0 ** 30), abs=1e-7)
+
+
+def test_loss_scale_model_invariants():
+    sweep = precision.loss_scale_model(0, "float16", epochs=0)
+    under, over = np.array(sweep["sweep_underflow"]), np.array(sweep["sweep_overflow"])
+    assert np.all(np.diff(under) <= 0) and np.all(np.diff(over) >= 0)  # a larger scale: fewer zeros, more infs
+    assert sum(sweep["hist_counts"]) == sweep["gradients"]
+    for k in (-8, 0, 12, 32):
+        p = precision.loss_scale_model(k, "float16", epochs=0)
+        total = p["underflow_fraction"] + p["subnormal_fraction"] + p["overflow_fraction"] + p["normal_fraction"]
+        assert total == pytest.approx(1.0)
+        assert p["log2_normal_edge"] == pytest.approx(np.log2(2.0 ** -14 - 2.0 ** -25) - k)
+        assert p["sweep_underflow"][p["sweep_log2_scales"].index(k)] == p["underflow_fraction"]
+        bf = precision.loss_scale_model(k, "bfloat16", epochs=0)  # float32's exponent: nothing is lost
+        assert bf["underflow_count"] == bf["overflow_count"] == bf["subnormal_count"] == 0
+
+
+def test_loss_scale_model_refuses_bad_settings():
+    for kwargs, match in [({"format": "float8_e4m3fn"}, "format must be one of"), ({"log2_scale": 0.5}, "log2_scale"),
+                          ({"log2_scale": 99}, "log2_scale"), ({"epochs": -1}, "epochs"), ({"batch": 0}, "batch")]:
+        args = {"log2_scale": 0, "format": "float16", "epochs": 0, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            precision.loss_scale_model(**args)
+
+
+def test_loss_scale_explorer_follows_its_controls_and_measures():
+    e = precision.loss_scale_explorer(epochs=0)
+    assert e.prediction == precision.loss_scale_model(**e.settings, **e.context)
+    e.controls["log2_scale"].value = 2
+    e.controls["format"].value = "bfloat16"
+    assert e.prediction == precision.loss_scale_model(**e.settings, **e.context)
+    measured = e.measure_now()
+    assert measured is not None and measured["underflow_fraction"] == e.prediction["underflow_fraction"]
+    bundle = e._repr_mimebundle_()
+    assert "image/png" in bundle and "become 0" in bundle["text/plain"]
+    assert 'data-model="scalelab.precision:loss_scale_model"' in e.result.value

@@ -777,6 +777,110 @@ def wallclock_comparison(split: Split, workers: int, steps: int, lr: float,
     return curves
 
 
+# --- the explorer: workers, staleness and learning rate -> sync vs async convergence
+#
+# The simulation above is cheap (a few hundred NumPy steps of a 65 x 10 softmax regression),
+# so the explorer's model IS the chapter's training: both runs, at the chosen setting, on the
+# chapter's digits split. There is no separate "real" run to measure: nothing here is an
+# estimate of something else (the wall-clock side of section 3 is itself a model).
+
+
+@functools.lru_cache(maxsize=1)
+def _explorer_split() -> Split:
+    """The chapter's digits split, loaded once per process (it is never modified)."""
+    from scalelab import data
+
+    return data.load_digits()
+
+
+def _one_blas_thread() -> Any:
+    """A context in which NumPy's BLAS uses one thread."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
+
+
+def staleness_model(workers: int, tau: int, lr: float, steps: int = 400, seed: int = 0,
+                    target: float = 0.35, batch: int = 32, eval_every: int = 10) -> dict[str, Any]:
+    """Synchronous all-reduce against an asynchronous server with staleness ``tau`` (pure:
+    the explorer's model).
+
+    Trains the chapter's softmax regression on the digits split, shared into ``workers``
+    shards, for ``steps`` server updates at learning rate ``lr``: once with :func:`train_sync`
+    (the mean of the N workers' gradients each step) and once with :func:`train_async` (one
+    worker's gradient per step, computed on the parameters of ``tau`` steps ago). Returns each
+    run's final training loss and test accuracy, the first evaluated step at which its loss is
+    <= ``target`` (None: never), the gradients each computed by then, whether the async run
+    diverged (ended above the loss it started from, ln(classes)), and the loss curves (lists).
+    Deterministic: the same arguments give the same numbers.
+    """
+    workers = _positive_int("workers", workers)
+    tau = _positive_int("tau (steps of staleness)", tau, minimum=0)
+    steps = _positive_int("steps", steps)
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(target, bool) or not isinstance(target, int | float) or not target > 0:
+        raise ValueError(f"target must be a loss > 0, got {target!r}")
+    split = _explorer_split()
+    task = make_task(split, workers, seed)
+    with _one_blas_thread():  # thousands of tiny matmuls: threads only add overhead (same result)
+        sync = train_sync(task, steps, float(lr), batch, eval_every, seed)
+        asy = train_async(task, steps, float(lr), tau, batch, eval_every, seed)
+    start = float(math.log(split.classes))
+    hit_sync, hit_async = steps_to_loss(sync, target), steps_to_loss(asy, target)
+    return {
+        "sync_final_loss": sync.final_loss, "async_final_loss": asy.final_loss,
+        "sync_accuracy": float(sync.accuracy[-1]), "async_accuracy": float(asy.accuracy[-1]),
+        "sync_steps_to_target": hit_sync, "async_steps_to_target": hit_async,
+        "sync_gradients_to_target": None if hit_sync is None else hit_sync * workers,
+        "async_gradients_to_target": hit_async,
+        "async_diverged": bool(not math.isfinite(asy.final_loss) or asy.final_loss > start),
+        "start_loss": start, "target": float(target),
+        "steps": [int(s) for s in sync.steps],
+        "sync_loss": [float(v) for v in sync.loss], "async_loss": [float(v) for v in asy.loss],
+    }
+
+
+def staleness_explorer(info: env.EnvInfo | None = None, steps: int = 400, target: float = 0.35):
+    """The staleness explorer: workers N, staleness tau and learning rate -> the loss curves of
+    synchronous all-reduce and an asynchronous parameter server, trained at that setting."""
+    from scalelab import plot, widgets
+
+    def draw(settings, pred, points):
+        fig, ax = plot.figure(width=7.0, height=3.8)
+        s = pred["steps"]
+        ax.plot(s, pred["sync_loss"], color="k", lw=2, label=f"sync all-reduce, N={settings['workers']}")
+        ax.plot(s, pred["async_loss"], color="C3", lw=1.6,
+                label=f"async PS, tau={settings['tau']}" + (" (diverged)" if pred["async_diverged"] else ""))
+        ax.axhline(pred["start_loss"], color="0.6", ls=":", lw=1, label="loss at the start (ln 10)")
+        ax.axhline(pred["target"], color="C2", ls="--", lw=1, label=f"target loss {pred['target']:g}")
+        for key, colour in (("sync_steps_to_target", "k"), ("async_steps_to_target", "C3")):
+            if pred[key] is not None:
+                ax.scatter([pred[key]], [pred["target"]], s=50, color=colour, zorder=4)
+        ax.set(yscale="log", xlabel="server steps (updates applied)", ylabel="training loss (log)",
+               title=f"N = {settings['workers']} workers, tau = {settings['tau']}, lr = {settings['lr']:.3g}")
+        _plain_log_y(ax)
+        ax.legend(fontsize=7, loc="upper right")
+        host_footer(fig, info, "trained in NumPy at this setting (the model is the training)")
+        return fig
+
+    controls = {
+        "workers": widgets.dropdown("workers N", [1, 2, 4, 8], value=4),
+        "tau": widgets.slider("staleness tau (steps)", 8, 0, 64, step=1, integer=True),
+        "lr": widgets.slider("learning rate", 0.5, 0.01, 5.0, log=True),
+    }
+    return widgets.Explorer(
+        "staleness", "Staleness explorer: sync all-reduce vs async parameter server", controls,
+        staleness_model, draw, context={"steps": int(steps), "target": float(target)},
+        shown=["sync_final_loss", "async_final_loss", "sync_steps_to_target", "async_steps_to_target",
+               "async_diverged"],
+        labels={"sync_final_loss": "sync final loss", "async_final_loss": "async final loss",
+                "sync_steps_to_target": "sync steps to target", "async_steps_to_target": "async steps to target",
+                "async_diverged": "async diverged"},
+        note="Both runs are the chapter's real training (NumPy, the digits split) at this setting, so there is "
+             "no 'measure' button: the curves are already the measurement, not a prediction of it.")
+
+
 # =========================================================================== 4. ring all-reduce
 #
 # n devices in a ring; each holds a vector cut into n chunks.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -1052,3 +1053,183 @@ def bench_precision(quick: bool = False) -> dict[str, Any]:
         "fp16_accuracy_gap_points": 100 * (f32_acc - modes["float16"]["test_accuracy"]),
         "bench_s": time.perf_counter() - start,
     }
+
+
+# --------------------------------------------------------------------------- the loss-scale explorer
+#
+# One real float32 step: the activation gradients of the chapter's MLP (trained in float32 for
+# ``epochs`` epochs, as in section 3) on the first training batch. Scaling by 2^k is exact in
+# float32, and the cast to a 16-bit format rounds to nearest, ties to even; so a value's fate is
+# decided by three thresholds of the format, and counting against them predicts the cast exactly.
+
+#: The formats the loss-scale explorer offers (float8 e4m3fn has no inf: it saturates to NaN).
+LOSS_SCALE_FORMATS: tuple[str, ...] = ("float16", "bfloat16")
+_SCALE_RANGE = (-40, 40)  # |g| 2^k stays a normal float32 number for these gradients
+
+
+@functools.lru_cache(maxsize=4)
+def step_gradients(epochs: int = 8, batch: int = 64, seed: int = 0) -> np.ndarray:
+    """The activation gradients (float32, flattened, read-only) of one real float32 step: the
+    chapter's MLP trained for ``epochs`` epochs (``epochs=0``: at initialisation) and the mean
+    loss of the first ``batch`` training digits. Computed once per process for each argument."""
+    from scalelab import data
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    split = data.load_digits()
+    if epochs:
+        run = train_policy("float32", split.x_train, split.y_train, epochs=epochs, seed=seed)
+        model, params = run.model, run.params
+    else:
+        model = digits_model(seed=seed)
+        params = model.params
+    xb, yb = jnp.asarray(split.x_train[:batch]), jnp.asarray(split.y_train[:batch])
+    grads = activation_grads(model, params, xb, yb)
+    out = np.concatenate([np.ravel(np.asarray(a, np.float32)) for a in grads])
+    out.flags.writeable = False
+    return out
+
+
+def cast_thresholds(format: str) -> dict[str, float]:
+    """Where round-to-nearest-even casting float32 to ``format`` changes a value's fate:
+    ``|y| <= zero_max`` becomes 0; ``|y| < normal_min`` (and above zero_max) becomes subnormal;
+    ``|y| >= inf_min`` becomes inf. Each is the midpoint between two neighbours of the format."""
+    if format not in LOSS_SCALE_FORMATS:
+        raise ValueError(f"format must be one of {list(LOSS_SCALE_FORMATS)}, got {format!r}")
+    fi = jnp.finfo(format_dtype(format))
+    tiny, normal, top = float(fi.smallest_subnormal), float(fi.smallest_normal), float(fi.max)
+    ulp_top = 2.0 ** (int(fi.maxexp) - 1 - int(fi.nmant))  # the gap below the largest value
+    return {"zero_max": tiny / 2, "normal_min": normal - tiny / 2, "inf_min": top + ulp_top / 2,
+            "smallest_subnormal": tiny, "smallest_normal": normal, "max": top}
+
+
+def _fates(mags: np.ndarray, log2_scale: int, t: dict[str, float]) -> tuple[int, int, int]:
+    y = mags * 2.0 ** log2_scale  # float64: exact
+    zero = int(np.count_nonzero(y <= t["zero_max"]))
+    sub = int(np.count_nonzero((y > t["zero_max"]) & (y < t["normal_min"])))
+    inf = int(np.count_nonzero(y >= t["inf_min"]))
+    return zero, sub, inf
+
+
+def _check_scale(log2_scale: Any) -> int:
+    lo, hi = _SCALE_RANGE
+    if isinstance(log2_scale, bool) or not isinstance(log2_scale, int | np.integer) or not lo <= log2_scale <= hi:
+        raise ValueError(f"log2_scale must be an integer in {lo}..{hi}, got {log2_scale!r}")
+    return int(log2_scale)
+
+
+def loss_scale_model(log2_scale: int, format: str, epochs: int = 8, batch: int = 64, seed: int = 0,
+                     sweep: Sequence[int] = (-8, 32)) -> dict[str, Any]:
+    """What a loss scale of ``2**log2_scale`` does to one real step's gradients cast to ``format``
+    (pure: the explorer's model).
+
+    Over the non-zero gradients of :func:`step_gradients` (``epochs``, ``batch``, ``seed``), counts
+    those that the cast of ``g * 2**log2_scale`` sends to 0 (underflow), to a subnormal (few
+    significant bits left) and to inf (overflow), from the format's thresholds
+    (:func:`cast_thresholds`). Also returns the histogram of log2|g| (the drawing) and the
+    underflow / subnormal / overflow fractions for every integer scale in ``sweep`` (lo, hi).
+    """
+    k = _check_scale(log2_scale)
+    t = cast_thresholds(format)
+    lo, hi = (_check_scale(s) for s in sweep)
+    g = step_gradients(epochs, batch, seed)
+    mags = np.abs(g[g != 0]).astype(np.float64)
+    n = int(mags.size)
+    if n == 0:
+        raise ValueError("the step has no non-zero gradient")
+    zero, sub, inf = _fates(mags, k, t)
+    logs = np.log2(mags)
+    edges = np.arange(np.floor(logs.min()), np.ceil(logs.max()) + 0.5, 0.5)
+    counts, _ = np.histogram(logs, bins=edges)
+    ks = list(range(lo, hi + 1))
+    fates = [_fates(mags, s, t) for s in ks]
+    return {
+        "underflow_fraction": zero / n, "subnormal_fraction": sub / n, "overflow_fraction": inf / n,
+        "normal_fraction": (n - zero - sub - inf) / n,
+        "underflow_count": zero, "subnormal_count": sub, "overflow_count": inf, "gradients": n,
+        "exact_zeros": int(g.size - n), "scale": float(2.0 ** k),
+        # the format's edges in units of the unscaled gradient (log2): where the histogram is cut
+        "log2_zero_edge": math.log2(t["zero_max"]) - k, "log2_normal_edge": math.log2(t["normal_min"]) - k,
+        "log2_inf_edge": math.log2(t["inf_min"]) - k,
+        "hist_edges": [float(e) for e in edges], "hist_counts": [int(c) for c in counts],
+        "sweep_log2_scales": ks, "sweep_underflow": [f[0] / n for f in fates],
+        "sweep_subnormal": [f[1] / n for f in fates], "sweep_overflow": [f[2] / n for f in fates],
+    }
+
+
+def measure_loss_scale_point(log2_scale: int, format: str, epochs: int = 8, batch: int = 64,
+                             seed: int = 0) -> dict[str, Any]:
+    """Cast the real gradients times ``2**log2_scale`` to ``format`` (NumPy; ml_dtypes for
+    bfloat16) and count what came out 0, subnormal and inf (fractions of the non-zero ones)."""
+    k = _check_scale(log2_scale)
+    t = cast_thresholds(format)
+    g = step_gradients(epochs, batch, seed)
+    g = g[g != 0]
+    with np.errstate(over="ignore"):  # overflowing to inf is what is being counted
+        cast = (g * np.float32(2.0 ** k)).astype(format_dtype(format))  # exact scaling, then the cast
+    back = np.abs(cast.astype(np.float32))
+    zero = int(np.count_nonzero(back == 0))
+    inf = int(np.count_nonzero(np.isinf(back)))
+    sub = int(np.count_nonzero((back > 0) & (back < t["smallest_normal"])))
+    n = int(g.size)
+    return {"underflow_fraction": zero / n, "subnormal_fraction": sub / n, "overflow_fraction": inf / n,
+            "underflow_count": zero, "subnormal_count": sub, "overflow_count": inf}
+
+
+def loss_scale_explorer(epochs: int = 8, info: Any = None):
+    """The loss-scale explorer: a format and log2 of the loss scale -> which of one real step's
+    gradients the cast sends to 0, to subnormals and to inf; "measure this point" does the cast."""
+    from scalelab import plot, widgets
+
+    context = {"epochs": int(epochs), "batch": 64}
+
+    def draw(settings, pred, points):
+        fig, (a, b) = plot.figure(ncols=2, width=10.0, height=3.8)
+        edges, counts = np.asarray(pred["hist_edges"]), np.asarray(pred["hist_counts"])
+        a.stairs(counts, edges, fill=True, color="C0", alpha=0.6, label="|g| of one real step (float32)")
+        left, right = -44.0, 20.0
+        z, nrm, inf = pred["log2_zero_edge"], pred["log2_normal_edge"], pred["log2_inf_edge"]
+        a.axvspan(left, min(max(z, left), right), color="C3", alpha=0.15, label="cast to 0")
+        a.axvspan(min(max(z, left), right), min(max(nrm, left), right), color="C1", alpha=0.15,
+                  label="subnormal")
+        a.axvspan(min(max(inf, left), right), right, color="k", alpha=0.15, label="inf")
+        a.set(xlim=(left, right), xlabel="log2 |gradient| (before scaling)", ylabel="count",
+              title=f"{settings['format']} with loss scale 2^{settings['log2_scale']}")
+        if z < left and inf > right:
+            a.text(0.5, 0.6, f"{settings['format']}'s range covers\nthe whole figure", transform=a.transAxes,
+                   ha="center", fontsize=8)
+        a.legend(fontsize=7, loc="upper left")
+        ks = pred["sweep_log2_scales"]
+        b.plot(ks, pred["sweep_underflow"], color="C3", label="become 0 (underflow)")
+        b.plot(ks, pred["sweep_subnormal"], color="C1", label="become subnormal")
+        b.plot(ks, pred["sweep_overflow"], color="k", label="become inf (overflow)")
+        b.axvline(settings["log2_scale"], color="0.6", ls=":")
+        for key, colour in (("underflow_fraction", "C3"), ("subnormal_fraction", "C1"), ("overflow_fraction", "k")):
+            b.scatter([settings["log2_scale"]], [pred[key]], color=colour, s=30, zorder=3)
+        for i, p in enumerate(q for q in points if q["settings"]["format"] == settings["format"]):
+            for key in ("underflow_fraction", "subnormal_fraction", "overflow_fraction"):
+                b.scatter([p["settings"]["log2_scale"]], [p["result"][key]], marker="*", s=110, color="C2",
+                          zorder=4, label="measured (cast)" if i == 0 and key == "underflow_fraction" else None)
+        b.set(xlabel="log2(loss scale)", ylabel="fraction of non-zero gradients",
+              title="Predicted from the format's thresholds")
+        b.set_yscale("symlog", linthresh=1e-4)
+        b.legend(fontsize=7, loc="center right")
+        plot.label(fig, info, source=f"gradients of one float32 step ({epochs} epochs); stars: the cast, measured",
+                   devices=1)
+        return fig
+
+    controls = {
+        "format": widgets.dropdown("format", list(LOSS_SCALE_FORMATS)),
+        "log2_scale": widgets.slider("log2(loss scale)", 0, -8, 32, step=1, integer=True),
+    }
+    return widgets.Explorer(
+        "loss_scale", "Loss-scale explorer: what a 16-bit cast does to one real step's gradients", controls,
+        loss_scale_model, draw, context=context,
+        measure=lambda log2_scale, format: measure_loss_scale_point(log2_scale, format, **context),
+        shown=["underflow_fraction", "subnormal_fraction", "overflow_fraction", "scale"],
+        labels={"underflow_fraction": "become 0", "subnormal_fraction": "become subnormal",
+                "overflow_fraction": "become inf", "scale": "loss scale"},
+        note="'measure this point' casts the scaled gradients to the format and counts zeros, subnormals and infs; "
+             "it must agree exactly with the prediction, which only compares each value with the format's thresholds.")
