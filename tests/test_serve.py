@@ -444,3 +444,80 @@ def test_cold_start_phases_are_all_measured(model):
     phases = serve.cold_start_phases(model["exported"])
     assert list(phases) == list(serve.COLD_PHASES) and all(v >= 0 for v in phases.values())
     assert phases["import numpy + jax"] > phases["second prediction"]
+
+
+# --------------------------------------------------------------------------- the batching model (explorer)
+
+
+def test_batching_model_at_low_load_is_one_service_time():
+    r = serve.batching_model(5.0, 2.0, 0.5, max_batch=1, max_wait_ms=0.0, requests=2000)
+    assert r["p50_ms"] == pytest.approx(2.5)  # a lone request: no queue, one call
+    assert r["mean_ms"] == pytest.approx(2.5, rel=0.03)
+    assert r["mean_batch"] == 1.0 and not r["saturated"]
+    batched = serve.batching_model(5.0, 2.0, 0.5, max_batch=64, max_wait_ms=0.0, requests=2000)
+    assert batched["p50_ms"] == pytest.approx(2.5) and batched["mean_batch"] < 1.05  # no company to wait for
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.6, 0.8])
+def test_batching_model_at_max_batch_1_is_md1(rho):
+    base, per_item = 1.5, 0.5
+    service = base + per_item
+    rate = rho / service * 1e3
+    r = serve.batching_model(rate, base, per_item, max_batch=1, max_wait_ms=0.0, requests=200_000, seed=1)
+    md1 = service + rho * service / (2 * (1 - rho))  # Pollaczek-Khinchine, deterministic service
+    assert r["mean_ms"] == pytest.approx(md1, rel=0.04)
+    assert r["utilisation"] == pytest.approx(rho, rel=0.02)
+    assert r["throughput_rps"] == pytest.approx(rate, rel=0.02)
+
+
+@pytest.mark.parametrize("max_batch", [1, 8, 64])
+def test_batching_model_throughput_is_capped_by_capacity(max_batch):
+    base, per_item = 2.0, 0.25
+    capacity = max_batch / (base + per_item * max_batch) * 1e3
+    over = serve.batching_model(capacity * 3, base, per_item, max_batch, 1.0, requests=5000)
+    assert over["capacity_rps"] == pytest.approx(capacity) and over["saturated"]
+    assert over["throughput_rps"] <= capacity * 1.0001
+    assert over["throughput_rps"] == pytest.approx(capacity, rel=0.02)
+    assert over["utilisation"] == pytest.approx(1.0, abs=0.01)
+    assert over["mean_batch"] == pytest.approx(max_batch, rel=0.05)
+    under = serve.batching_model(capacity * 0.5, base, per_item, max_batch, 0.0, requests=5000)
+    assert not under["saturated"] and under["p99_ms"] < over["p99_ms"]
+
+
+def test_batching_model_is_deterministic_and_plain():
+    a = serve.batching_model(700.0, 2.0, 0.35, 32, 2.0, requests=3000, seed=3)
+    assert a == serve.batching_model(700.0, 2.0, 0.35, 32, 2.0, requests=3000, seed=3)
+    assert a != serve.batching_model(700.0, 2.0, 0.35, 32, 2.0, requests=3000, seed=4)
+    assert all(type(v) in (float, bool) for v in a.values()), {k: type(v) for k, v in a.items()}
+    assert a["p50_ms"] <= a["p95_ms"] <= a["p99_ms"]
+    # waiting longer fills bigger batches, and a lone request waits the whole max wait
+    waited = serve.batching_model(700.0, 2.0, 0.35, 32, 10.0, requests=3000, seed=3)
+    assert waited["mean_batch"] > a["mean_batch"]
+    lone = serve.batching_model(1.0, 2.0, 0.35, 32, 10.0, requests=200)
+    assert lone["p50_ms"] == pytest.approx(10.0 + 2.35)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"arrival_rate": 0.0}, "arrival_rate"), ({"arrival_rate": float("inf")}, "arrival_rate"),
+    ({"service_base_ms": -1.0}, "service times"), ({"service_base_ms": 0.0, "service_per_item_ms": 0.0}, "service"),
+    ({"max_batch": 0}, "max_batch"), ({"max_batch": 2.5}, "max_batch"), ({"max_wait_ms": -1.0}, "max_wait_ms"),
+    ({"requests": 0}, "requests"),
+])
+def test_batching_model_refuses_bad_input(kw, match):
+    args = {"arrival_rate": 100.0, "service_base_ms": 2.0, "service_per_item_ms": 0.3, "max_batch": 8,
+            "max_wait_ms": 1.0, **kw}
+    with pytest.raises(ValueError, match=match):
+        serve.batching_model(**args)
+
+
+def test_batching_explorer_follows_its_controls_and_carries_a_static_figure():
+    e = serve.batching_explorer(requests=1000)
+    assert e.prediction == serve.batching_model(**e.settings, **e.context)
+    e.controls["max_batch"].value = 8
+    e.controls["arrival_rate"].value = 2000.0
+    assert e.settings["max_batch"] == 8
+    assert e.prediction == serve.batching_model(**e.settings, **e.context)
+    assert e.prediction["capacity_rps"] == pytest.approx(8 / (2.0 + 0.35 * 8) * 1e3)
+    bundle = e._repr_mimebundle_()
+    assert "image/png" in bundle and "throughput" in bundle["text/plain"]
+    assert 'data-model="scalelab.serve:batching_model"' in e.result.value

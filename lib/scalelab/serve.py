@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -1377,6 +1379,174 @@ def run_in_browser(directory: str | os.PathLike, chromium: str | None = None, ti
     if not text.startswith("{"):
         raise RuntimeError(f"the page did not compute a result: {text[:300] or out.stderr[-500:]}")
     return json.loads(text)
+
+
+# --------------------------------------------------------------------------- the batching model (explorer)
+
+
+SERVICE_BASE_MS = 2.0  # the whole server's time per batch on a 2-core CPU: the model call's fixed part ...
+SERVICE_PER_ITEM_MS = 0.35  # ... plus, per request, its rows' share of the call and its HTTP and JSON work
+
+
+def batching_model(arrival_rate: float, service_base_ms: float, service_per_item_ms: float, max_batch: int,
+                   max_wait_ms: float, requests: int = 4000, seed: int = 0) -> dict[str, Any]:
+    """A batching server as a queue (pure, deterministic: the explorer's model).
+
+    ``requests`` requests arrive as a Poisson process at ``arrival_rate`` per second (drawn with
+    ``numpy.random.default_rng(seed)``); one worker serves them in batches. When the worker is
+    free it takes a batch as soon as ``max_batch`` requests are waiting or the oldest has waited
+    ``max_wait_ms`` (0: whatever is waiting, at once — the chapter's "dispatch when idle, collect
+    while busy"); a batch of ``b`` takes ``service_base_ms + service_per_item_ms * b``.
+    Latency is from a request's arrival to the end of its batch.
+
+    Returns the throughput (requests answered per second, over the run until the last answer),
+    p50/p95/p99/mean latency in ms, the mean batch size, the worker's utilisation, the capacity
+    (``max_batch`` requests per full-batch service time) and ``saturated`` (offered rate above
+    capacity: then the queue, and the latency percentiles, grow with ``requests``).
+    """
+    if not arrival_rate > 0 or not math.isfinite(arrival_rate):
+        raise ValueError(f"arrival_rate must be a positive number of requests per second, got {arrival_rate!r}")
+    if not service_base_ms >= 0 or not service_per_item_ms >= 0 or service_base_ms + service_per_item_ms <= 0:
+        raise ValueError("service times must be >= 0 ms with a positive total (base + per item), got "
+                         f"base {service_base_ms!r} and per item {service_per_item_ms!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int | np.integer) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if not max_wait_ms >= 0 or not math.isfinite(max_wait_ms):
+        raise ValueError(f"max_wait_ms must be >= 0 ms, got {max_wait_ms!r}")
+    if isinstance(requests, bool) or not isinstance(requests, int | np.integer) or requests < 1:
+        raise ValueError(f"requests must be an integer >= 1, got {requests!r}")
+    max_batch, n = int(max_batch), int(requests)
+    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1e3 / arrival_rate, n))  # ms
+    at = arrivals.tolist()  # plain floats: the loop below indexes one at a time
+    done = [0.0] * n
+    batches = 0
+    free, busy, i = 0.0, 0.0, 0
+    wait, base, per_item = float(max_wait_ms), float(service_base_ms), float(service_per_item_ms)
+    while i < n:
+        full = at[i + max_batch - 1] if i + max_batch <= n else math.inf
+        start = max(free, min(full, at[i] + wait))
+        size = min(max_batch, bisect.bisect_right(at, start, i, min(n, i + max_batch)) - i)
+        service = base + per_item * size
+        free = start + service
+        done[i:i + size] = [free] * size
+        busy += service
+        batches += 1
+        i += size
+    latency = np.asarray(done) - arrivals
+    span = max(free, at[-1])
+    capacity = max_batch / (service_base_ms + service_per_item_ms * max_batch) * 1e3
+    p50, p95, p99 = (float(v) for v in np.percentile(latency, [50, 95, 99]))
+    return {"throughput_rps": n / span * 1e3, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+            "mean_ms": float(latency.mean()), "mean_batch": n / batches, "utilisation": busy / span,
+            "capacity_rps": float(capacity), "offered_rps": float(arrival_rate),
+            "saturated": bool(arrival_rate > capacity)}
+
+
+_MEASURE_SERVER: dict[str, Any] = {}  # the explorer's server, kept between presses of "measure this point"
+
+
+def _stop_measure_server() -> None:
+    server = _MEASURE_SERVER.pop("server", None)
+    if server is not None:
+        server.stop()
+
+
+def measure_batching_point(arrival_rate: float, max_batch: int, max_wait_ms: float,
+                           model_dir: str | os.PathLike | None = None, duration_s: float = 2.0) -> dict[str, Any]:
+    """Run the chapter's batched server at ``max_batch`` / ``max_wait_ms`` under an open loop
+    (:func:`open_loop`) at ``arrival_rate`` for ``duration_s``: measured p50/p99 and throughput.
+
+    The server (on ``model_dir``, an exported model; a freshly initialised serving model if None)
+    is started on the first call and kept for the next ones at the same setting, so only the
+    first press pays its start-up. The server's ``max_wait`` only waits for requests it is already
+    receiving (see :class:`Batcher`), a shorter wait than the model's."""
+    import atexit
+
+    if model_dir is None:
+        if "model_dir" not in _MEASURE_SERVER:
+            tmp = tempfile.mkdtemp(prefix="scalelab-batching-")
+            _MEASURE_SERVER["model_dir"] = str(serving_model(tmp, steps=1)["exported"])
+        model_dir = _MEASURE_SERVER["model_dir"]
+    key = (str(model_dir), int(max_batch), float(max_wait_ms))
+    if _MEASURE_SERVER.get("key") != key:
+        _stop_measure_server()
+        server = ServerProcess(ServerConfig(str(model_dir), max_batch=int(max_batch), max_wait_ms=float(max_wait_ms)))
+        server.start()
+        if not _MEASURE_SERVER.get("atexit"):
+            atexit.register(_stop_measure_server)
+            _MEASURE_SERVER["atexit"] = True
+        _MEASURE_SERVER.update(server=server, key=key)
+        load_test(server.url, requests=100, concurrency=8)  # warm the connections
+    r = open_loop(_MEASURE_SERVER["server"].url, float(arrival_rate), duration_s=duration_s)
+    return {"p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "throughput_rps": r["achieved_rps"],
+            "sent_rps": r["sent_rps"], "timed_out": r["timed_out"]}
+
+
+BATCHING_RATES = [float(r) for r in np.logspace(math.log10(30), math.log10(10_000), 20)]
+
+
+def batching_explorer(service_base_ms: float = SERVICE_BASE_MS, service_per_item_ms: float = SERVICE_PER_ITEM_MS,
+                      model_dir: str | os.PathLike | None = None, requests: int = 4000, info: Any = None):
+    """The batching explorer: a max batch, an arrival rate and a max wait -> the queue's
+    throughput and latency (:func:`batching_model`), drawn against the arrival rate beside the
+    unbatched server (max batch 1); "measure this point" runs the real batched server there for
+    about two seconds (:func:`measure_batching_point`; the first press also starts it)."""
+    from scalelab import env, plot, widgets
+
+    context = {"service_base_ms": float(service_base_ms), "service_per_item_ms": float(service_per_item_ms),
+               "requests": int(requests), "seed": 0}
+
+    def curve(max_batch, max_wait_ms):
+        return [batching_model(r, max_batch=max_batch, max_wait_ms=max_wait_ms, **context) for r in BATCHING_RATES]
+
+    def draw(settings, pred, points):
+        fig, (ax1, ax2) = plot.figure(ncols=2, width=10.0, height=3.8)
+        mine = curve(settings["max_batch"], settings["max_wait_ms"])
+        one = curve(1, settings["max_wait_ms"]) if settings["max_batch"] != 1 else None
+        here = f"max batch {settings['max_batch']}, wait {settings['max_wait_ms']:g} ms"
+        for pts, color, what in ((mine, "C0", here), (one, "C3", "unbatched (max batch 1)")):
+            if pts is None:
+                continue
+            ax1.plot(BATCHING_RATES, [p["p50_ms"] for p in pts], "-", color=color, label=f"{what}: p50")
+            ax1.plot(BATCHING_RATES, [p["p99_ms"] for p in pts], ":", color=color, label=f"{what}: p99")
+            ax2.plot(BATCHING_RATES, [p["throughput_rps"] for p in pts], "-", color=color, label=what)
+            ax2.axhline(pts[0]["capacity_rps"], color=color, ls="--", lw=0.8)
+        rate = settings["arrival_rate"]
+        ax1.scatter([rate, rate], [pred["p50_ms"], pred["p99_ms"]], s=50, color="C0", zorder=3,
+                    label=f"this setting: {rate:.0f} req/s")
+        ax2.scatter([rate], [pred["throughput_rps"]], s=50, color="C0", zorder=3, label="this setting")
+        for i, p in enumerate(points):
+            r, m = p["settings"]["arrival_rate"], p["result"]
+            ax1.scatter([r, r], [m["p50_ms"], m["p99_ms"]], marker="*", s=120, color="C2", zorder=4,
+                        label="measured: p50, p99" if i == 0 else None)
+            ax2.scatter([r], [m["throughput_rps"]], marker="*", s=120, color="C2", zorder=4,
+                        label="measured" if i == 0 else None)
+        ax1.set(xscale="log", yscale="log", xlabel="arrival rate (requests / s, Poisson)", ylabel="latency (ms)",
+                title="Latency: flat, then the queue's wall")
+        ax2.plot(BATCHING_RATES, BATCHING_RATES, color="0.7", lw=0.8, label="throughput = arrival rate")
+        ax2.set(xscale="log", yscale="log", xlabel="arrival rate (requests / s, Poisson)",
+                ylabel="throughput (requests / s)", title="Throughput: up to capacity (dashed)")
+        ax1.legend(fontsize=6.5, loc="upper left")
+        ax2.legend(fontsize=6.5, loc="upper left")
+        plot.label(fig, info or env.describe(), source="queueing model; stars: measured on the real server",
+                   devices=1)
+        return fig
+
+    controls = {
+        "max_batch": widgets.dropdown("max batch", [1, 8, 32, 64], value=64),
+        "arrival_rate": widgets.slider("arrival rate (req/s)", 500.0, 30.0, 10_000.0, log=True),
+        "max_wait_ms": widgets.slider("max wait (ms)", 0.0, 0.0, 20.0, step=0.5),
+    }
+    return widgets.Explorer(
+        "batching", "Batching explorer", controls, batching_model, draw, context=context,
+        measure=lambda arrival_rate, max_batch, max_wait_ms: measure_batching_point(
+            arrival_rate, max_batch, max_wait_ms, model_dir=model_dir),
+        shown=["throughput_rps", "p50_ms", "p99_ms", "mean_batch", "utilisation", "capacity_rps", "saturated"],
+        labels={"throughput_rps": "throughput (req/s)", "p50_ms": "p50 ms", "p99_ms": "p99 ms",
+                "capacity_rps": "capacity (req/s)"},
+        note=f"service time per batch of b = {service_base_ms:g} ms + {service_per_item_ms:g} ms x b; "
+             f"{requests} Poisson arrivals. 'measure this point' runs the real batched server at this setting "
+             "for about 2 s (the first press also starts it).")
 
 
 # --------------------------------------------------------------------------- serving model and benchmark
