@@ -36,7 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check lib tests tools notebooks nbconvert_config.py
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -n 2
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup
 
 # Notebooks run one at a time: several of them start worker processes, Dask clusters or
 # multi-process JAX jobs, and two such notebooks at once on a 2-core machine only contend.

@@ -36,6 +36,9 @@ from pathlib import Path
 
 import pytest
 
+# one xdist worker runs them all (`--dist loadgroup`): one JupyterLab and one browser, not one per worker
+pytestmark = pytest.mark.xdist_group("browser")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "build" / "browser"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -167,17 +170,48 @@ def _page(browser, errors: list[str]):
     return page
 
 
-KERNEL_IDLE = """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+# Each function finds the notebook by its path among the open documents, never "the current widget":
+# whatever else the page holds (a restored layout, a dialog) cannot make a test drive another notebook.
+FIND_NB = """const nb = Array.from(window.jupyterapp ? window.jupyterapp.shell.widgets('main') : [])
+  .find(w => w.context && w.context.path === a.path && w.content && w.content.widgets);"""
+KERNEL_IDLE = "(a) => { " + FIND_NB + """
+  const k = nb && nb.sessionContext && nb.sessionContext.session && nb.sessionContext.session.kernel;
   return !!k && k.status === 'idle'; }"""
-RUN_CELL = """async (i) => { const app = window.jupyterapp; const nb = app.shell.currentWidget;
-  nb.content.activeCellIndex = i; await app.commands.execute('notebook:run-cell'); }"""
-CELL_DONE = """(i) => { const nb = window.jupyterapp.shell.currentWidget; const c = nb.content.widgets[i];
+RUN_CELL = "async (a) => { " + FIND_NB + """
+  window.jupyterapp.shell.activateById(nb.id);
+  nb.content.activeCellIndex = a.i; await window.jupyterapp.commands.execute('notebook:run-cell'); }"""
+CELL_DONE = "(a) => { " + FIND_NB + """
+  const c = nb.content.widgets[a.i];
   return c.model.executionCount !== null && nb.sessionContext.session.kernel.status === 'idle'; }"""
-
-CELL_ERROR = """(i) => { const c = window.jupyterapp.shell.currentWidget.content.widgets[i];
-  const e = c.model.outputs.toJSON().find(o => o.output_type === 'error');
+CELL_ERROR = "(a) => { " + FIND_NB + """
+  const e = nb.content.widgets[a.i].model.outputs.toJSON().find(o => o.output_type === 'error');
   return e ? e.ename + ': ' + e.evalue : ''; }"""
+
+NB_ID = "(a) => { " + FIND_NB + """ return nb.id; }"""
+
+PAINTED = """async (el) => { await Promise.all(Array.from(el.querySelectorAll('img')).map(i => i.decode().catch(() => null)));
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r))); }"""
+
+INK = """el => { const i = el.querySelector('img'); if (!i) return 1;
+  const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
+  const g = c.getContext('2d'); g.drawImage(i, 0, 0); const d = g.getImageData(0, 0, c.width, c.height).data;
+  let n = 0; for (let k = 0; k < d.length; k += 4) if (d[k + 3] > 0 && Math.min(d[k], d[k + 1], d[k + 2]) < 200) n++;
+  return n / (c.width * c.height); }"""
+
+
+def shut_down_kernels(base: str, token: str) -> None:
+    """Every kernel of the lab shut down, so that one chapter's kernel neither holds memory nor
+    competes for the cores while the next chapter runs."""
+    def call(method: str, path: str):
+        req = urllib.request.Request(f"{base}{path}?token={token}", method=method)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+    for session in call("GET", "/api/sessions"):
+        with contextlib.suppress(OSError):
+            call("DELETE", f"/api/sessions/{session['id']}")
+    for kernel in call("GET", "/api/kernels"):
+        with contextlib.suppress(OSError):
+            call("DELETE", f"/api/kernels/{kernel['id']}")
 
 
 READ_RESULT = """(el) => { const d = el.querySelector('.scalelab-explorer-result');
@@ -194,12 +228,12 @@ def read_result(explorer) -> dict:
             "values": {k: ast.literal_eval(v) for k, v in raw["values"].items()}}
 
 
-def settled_result(page, explorer, timeout_s: float = 60) -> dict:
+def settled_result(page, explorer, chapter: str, timeout_s: float = 60) -> dict:
     """The result line once the kernel is idle and two reads half a second apart agree."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
-        page.wait_for_function(KERNEL_IDLE, timeout=60_000)
+        page.wait_for_function(KERNEL_IDLE, arg={"path": chapter}, timeout=60_000)
         now = read_result(explorer)
         if now == last:
             return now
@@ -248,19 +282,21 @@ def test_explorers_follow_their_models_in_jupyterlab(lab, browser, chapter):
     errors: list[str] = []
     page = _page(browser, errors)
     try:
-        page.goto(f"{base}/lab/tree/{chapter}?token={token}")
-        page.wait_for_function(KERNEL_IDLE, timeout=120_000)
+        # a workspace of its own, reset: the page opens this chapter alone, not a restored layout
+        page.goto(f"{base}/lab/workspaces/test-{Path(chapter).stem}/tree/{chapter}?reset&token={token}")
+        page.wait_for_function(KERNEL_IDLE, arg={"path": chapter}, timeout=120_000)
         for i in run:
-            page.evaluate(RUN_CELL, i)
-            page.wait_for_function(CELL_DONE, arg=i, timeout=300_000)
-            failed = page.evaluate(CELL_ERROR, i)
+            page.evaluate(RUN_CELL, {"path": chapter, "i": i})
+            page.wait_for_function(CELL_DONE, arg={"path": chapter, "i": i}, timeout=300_000)
+            failed = page.evaluate(CELL_ERROR, {"path": chapter, "i": i})
             assert not failed, f"cell {i} of {chapter} raised: {failed}"
         SHOTS.mkdir(parents=True, exist_ok=True)
+        panel = page.locator("#" + page.evaluate(NB_ID, {"path": chapter}))
         for i in explorer_cells:
-            cell = page.locator(".jp-Cell").nth(i)
+            cell = panel.locator(".jp-Cell").nth(i)
             for explorer in cell.locator(".scalelab-explorer").all():
                 explorer.locator(".scalelab-explorer-result").wait_for(timeout=60_000)
-                before = settled_result(page, explorer)
+                before = settled_result(page, explorer, chapter)
                 check_against_model(before)
                 moved = move_controls(page, explorer)
                 assert moved, f"{before['model']}: the explorer has no slider or dropdown to move"
@@ -268,20 +304,23 @@ def test_explorers_follow_their_models_in_jupyterlab(lab, browser, chapter):
                     "([el, old]) => el.querySelector('.scalelab-explorer-result').dataset.settings !== old",
                     arg=[explorer.element_handle(), json.dumps(before["settings"], sort_keys=True)],
                     timeout=60_000)
-                after = settled_result(page, explorer)
+                after = settled_result(page, explorer, chapter)
                 assert after["settings"] != before["settings"]
                 check_against_model(after)
                 page.wait_for_function(  # the redrawn figure has loaded before the screenshot
                     "el => { const i = el.querySelector('img'); return !i || (i.complete && i.naturalHeight > 0); }",
                     arg=explorer.element_handle(), timeout=30_000)
                 explorer.scroll_into_view_if_needed()
-                page.wait_for_timeout(1000)  # let the new image be decoded and painted
+                explorer.evaluate(PAINTED)  # every image decoded, then two frames painted
+                ink = explorer.evaluate(INK)
+                assert ink > 0.01, f"{chapter}: the redrawn figure is nearly blank ({ink:.1%} of its pixels drawn)"
                 name = explorer.locator(".scalelab-explorer-result").get_attribute("data-explorer")
                 # an element screenshot: scrolled into the notebook's own scrolling panel, where a clip
                 # of the page would catch the part outside the panel's view unpainted
                 explorer.screenshot(path=str(SHOTS / f"{Path(chapter).stem[:2]}-{name}.png"))
     finally:
         page.close()
+        shut_down_kernels(base, token)
     assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
 
 

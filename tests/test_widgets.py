@@ -45,6 +45,31 @@ def test_explorer_follows_its_controls_and_carries_a_static_figure():
     assert settings["n"] == 2048 and settings["measured"] == [1e11, 2e10]
 
 
+def test_explorer_redraws_outside_pyplot_from_any_thread():
+    # JupyterLab delivers a widget's messages to a kernel subshell thread: the redraw must not touch
+    # pyplot's global figures (there it gave a blank PNG), so it makes a figure of its own
+    import threading
+
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from scalelab import plot
+
+    with plot.detached():
+        fig, _ = plot.figure()
+    assert isinstance(fig.canvas, FigureCanvasAgg) and fig not in map(plt.figure, plt.get_fignums())
+    fig2, _ = plot.figure()  # outside the block: pyplot as before
+    assert plt.fignum_exists(fig2.number)
+    plt.close(fig2)
+    e = hardware.roofline_explorer(1e11, 2e10)
+    before, pngs = set(plt.get_fignums()), []
+    t = threading.Thread(target=lambda: (setattr(e.controls["n"], "value", 1024), pngs.append(e._png)))
+    t.start()
+    t.join()
+    assert set(plt.get_fignums()) == before and e.prediction["matmul_intensity"] == pytest.approx(1024 / 6)
+    assert pngs[0].startswith(b"\x89PNG") and len(pngs[0]) > 10_000  # a drawn figure, not an empty canvas
+
+
 def test_explorer_shows_a_refused_setting_and_a_failed_measurement():
     def bad(**_):
         raise RuntimeError("does not fit")

@@ -314,7 +314,7 @@ def estimator_explorer(info: Any = None):
             ax.bar(["compiled"], [r["compiled_backward_MB"]], bottom=[r["compiled_state_MB"]], color="0.8",
                    label="compiled: gradient program (out + temp)")
         ax.set(ylabel="MB per device", title=f"{pred['devices']} device(s), ZeRO-{settings['zero']}")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
         comm = [pred["comm_dp_MB"], pred["comm_tp_MB"], pred["comm_pp_MB"]]
         bx.bar(["DP / ZeRO", "TP", "PP"], comm, color=["C5", "C6", "C7"])
         bx.set(ylabel="MB sent per device per step", title="communication (ring collectives)")

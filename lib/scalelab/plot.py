@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import html
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from scalelab import env
 
@@ -61,8 +64,30 @@ def figure(
     use_style()
     w = width or 4.6 * ncols
     h = height or 3.4 * nrows
+    if _DETACHED.get():
+        fig = Figure(figsize=(w, h), layout="constrained")
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(nrows, ncols, **kwargs)
     fig, axes = plt.subplots(nrows, ncols, figsize=(w, h), layout="constrained", **kwargs)
     return fig, axes
+
+
+_DETACHED: contextvars.ContextVar[bool] = contextvars.ContextVar("scalelab_plot_detached", default=False)
+
+
+@contextlib.contextmanager
+def detached() -> Iterator[None]:
+    """Inside the block, :func:`figure` makes figures outside pyplot (an Agg canvas of their own).
+
+    For figures drawn off the notebook's main thread: an explorer redraws in the thread that
+    handles the widget's message (a kernel subshell in JupyterLab), where pyplot's global figure
+    state and the inline backend are not safe to touch; such a figure is only saved as PNG.
+    """
+    token = _DETACHED.set(True)
+    try:
+        yield
+    finally:
+        _DETACHED.reset(token)
 
 
 def label(fig: plt.Figure, info: env.EnvInfo | None = None, source: str = "measured",

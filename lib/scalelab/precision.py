@@ -1198,8 +1198,8 @@ def loss_scale_explorer(epochs: int = 8, info: Any = None):
         a.set(xlim=(left, right), xlabel="log2 |gradient| (before scaling)", ylabel="count",
               title=f"{settings['format']} with loss scale 2^{settings['log2_scale']}")
         if z < left and inf > right:
-            a.text(0.5, 0.6, f"{settings['format']}'s range covers\nthe whole figure", transform=a.transAxes,
-                   ha="center", fontsize=8)
+            a.text(0.98, 0.75, f"{settings['format']}'s range covers\nthe whole figure", transform=a.transAxes,
+                   ha="right", fontsize=8)
         a.legend(fontsize=7, loc="upper left")
         ks = pred["sweep_log2_scales"]
         b.plot(ks, pred["sweep_underflow"], color="C3", label="become 0 (underflow)")

@@ -46,7 +46,7 @@ def figure_png(fig: Any, dpi: int = 90) -> bytes:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    plt.close(fig)  # a no-op for a figure outside pyplot (see plot.detached)
     return buf.getvalue()
 
 
@@ -156,10 +156,15 @@ class Explorer:
             self.result.value = (f'<div class="scalelab-explorer-result" data-explorer="{html.escape(self.name)}">'
                                  f"<b>not a valid setting:</b> {html.escape(str(err))}</div>")
             return {}
+        # the figure first, the result line last: once the page shows this setting's result line,
+        # this setting's figure has been sent before it (a test screenshots the page then)
+        from scalelab import plot
+
+        with plot.detached():  # the redraw may run off the main thread (a widget message's subshell)
+            self._png = figure_png(self.draw(settings, self.prediction, self.measured))
+        self.image.value = self._png
         self.result.value = result_html(self.name, self.shown_items(), self.labels, self.model_ref,
                                         {**settings, **self.context})
-        self._png = figure_png(self.draw(settings, self.prediction, self.measured))
-        self.image.value = self._png
         return self.prediction
 
     def measure_now(self) -> dict[str, Any] | None:
