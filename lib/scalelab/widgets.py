@@ -32,6 +32,7 @@ import html
 import io
 import json
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -115,6 +116,7 @@ class Explorer:
         self.shown, self.labels = (list(shown) if shown else None), dict(labels or {})
         self.measured: list[dict[str, Any]] = []
         self.prediction: dict[str, Any] = {}
+        self._lock = threading.RLock()
         self._png = b""
         self.result = widgets.HTML()
         self.image = widgets.Image(format="png")
@@ -147,10 +149,19 @@ class Explorer:
         return {k: self.prediction[k] for k in keys if k in self.prediction}
 
     def update(self) -> dict[str, Any]:
-        """Recompute the model at the current setting and redraw; returns the prediction."""
+        """Recompute the model at the current setting and redraw; returns the prediction.
+
+        One update at a time (a lock): JupyterLab may deliver two controls' messages on different
+        threads, and a result line must never pair one setting with another's values."""
+        with self._lock:
+            return self._update()
+
+    def _update(self) -> dict[str, Any]:
+        from scalelab import plot
+
         settings = self.settings
         try:
-            self.prediction = dict(self.model(**settings, **self.context))
+            prediction = dict(self.model(**settings, **self.context))
         except (ValueError, TypeError) as err:  # a setting the model refuses: say so, keep the page
             self.prediction = {}
             self.result.value = (f'<div class="scalelab-explorer-result" data-explorer="{html.escape(self.name)}">'
@@ -158,14 +169,13 @@ class Explorer:
             return {}
         # the figure first, the result line last: once the page shows this setting's result line,
         # this setting's figure has been sent before it (a test screenshots the page then)
-        from scalelab import plot
-
         with plot.detached():  # the redraw may run off the main thread (a widget message's subshell)
-            self._png = figure_png(self.draw(settings, self.prediction, self.measured))
-        self.image.value = self._png
+            png = figure_png(self.draw(settings, prediction, self.measured))
+        self.prediction, self._png = prediction, png
+        self.image.value = png
         self.result.value = result_html(self.name, self.shown_items(), self.labels, self.model_ref,
                                         {**settings, **self.context})
-        return self.prediction
+        return prediction
 
     def measure_now(self) -> dict[str, Any] | None:
         """Run ``measure`` at the current setting, keep the point and redraw with it."""
