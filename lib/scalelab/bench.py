@@ -126,6 +126,12 @@ register(
     "scalelab.serve:bench_serve",
     "Chapter 14: batched vs unbatched HTTP serving under load (throughput, p50/p99), cold starts",
 )
+register(
+    "capstone",
+    "scalelab.capstone:bench_capstone",
+    "Chapter 15 (in progress): a byte-level GPT on the standard library's sources: tokens/s, MFU, val loss vs "
+    "unigram, pipeline headroom, sharded == single, KV-cache speed-up, prefill vs decode per token",
+)
 
 # --------------------------------------------------------------------------- timing
 
