@@ -310,6 +310,15 @@ def test_explorers_follow_their_models_in_jupyterlab(lab, browser, chapter):
                 page.wait_for_function(  # the redrawn figure has loaded before the screenshot
                     "el => { const i = el.querySelector('img'); return !i || (i.complete && i.naturalHeight > 0); }",
                     arg=explorer.element_handle(), timeout=30_000)
+                # the figure's update carries a binary buffer, deserialised asynchronously in the page:
+                # it may land after the result line's; wait until its image has stopped changing
+                last_src, deadline = None, time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    src = explorer.evaluate("el => { const i = el.querySelector('img'); return i ? i.src : ''; }")
+                    if src == last_src:
+                        break
+                    last_src = src
+                    page.wait_for_timeout(1000)
                 explorer.scroll_into_view_if_needed()
                 explorer.evaluate(PAINTED)  # every image decoded, then two frames painted
                 ink = explorer.evaluate(INK)
