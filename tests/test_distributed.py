@@ -417,8 +417,7 @@ def test_staleness_model_refuses_bad_settings():
 def test_staleness_explorer_follows_its_controls():
     e = dist.staleness_explorer(steps=60)
     assert e.prediction == dist.staleness_model(**e.settings, **e.context)
-    e.controls["tau"].value = 10
-    e.controls["workers"].value = 8
+    e.set(tau=10, workers=8)
     assert e.settings["tau"] == 10 and e.settings["workers"] == 8
     assert e.prediction == dist.staleness_model(**e.settings, **e.context)
     bundle = e._repr_mimebundle_()

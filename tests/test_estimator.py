@@ -98,11 +98,10 @@ def test_schedule_model_equals_the_chapter_tables():
 
 def test_explorers_follow_their_controls_and_carry_a_static_figure():
     e = estimator.estimator_explorer()
-    e.controls["width"].value = 256
-    e.controls["zero"].value = 1
+    e.set(width=256, zero=1)
     assert e.prediction == estimator.memory_model(**e.settings, **e.context)
     assert "image/png" in e._repr_mimebundle_()
-    e.controls["dp"].value, e.controls["tp"].value = 2, 1
+    e.set(dp=2, tp=1)
     got = e.measure_now()
     assert got is not None and got["compiled_total_MB"] > 0 and len(e.measured) == 1
     s = estimator.schedule_explorer()

@@ -282,12 +282,10 @@ def test_remat_model_refuses_bad_settings():
 def test_remat_explorer_follows_its_controls_and_carries_a_static_figure():
     e = memory.remat_explorer()
     assert e.prediction == memory.remat_model(**e.settings, **e.context)
-    e.controls["depth"].value = 96
-    e.controls["variant"].value = "full"
+    e.set(depth=96, variant="full")
     assert e.prediction == memory.remat_model(**e.settings, **e.context)
     assert e.prediction["kept_arrays"] == 96
-    e.controls["width"].value = 8
-    e.controls["batch"].value = 256
+    e.set(width=8, batch=256)
     result = e.measure_now()
     assert result is not None and result["total_bytes"] == pytest.approx(e.prediction["total_bytes"], rel=0.02)
     bundle = e._repr_mimebundle_()

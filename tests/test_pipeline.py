@@ -674,8 +674,7 @@ def test_sleep_stages_pickle_and_run():
 def test_pipeline_explorer_and_measure():
     e = pl.pipeline_explorer()
     assert e.prediction == pl.pipeline_model(**e.settings, **e.context)
-    e.controls["workers"].value = 3
-    e.controls["prefetch"].value = 4
+    e.set(workers=3, prefetch=4)
     assert e.settings["workers"] == 3
     assert e.prediction == pl.pipeline_model(**e.settings, **e.context)
     assert "image/png" in e._repr_mimebundle_()

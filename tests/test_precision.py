@@ -511,8 +511,7 @@ def test_loss_scale_model_refuses_bad_settings():
 def test_loss_scale_explorer_follows_its_controls_and_measures():
     e = precision.loss_scale_explorer(epochs=0)
     assert e.prediction == precision.loss_scale_model(**e.settings, **e.context)
-    e.controls["log2_scale"].value = 2
-    e.controls["format"].value = "bfloat16"
+    e.set(log2_scale=2, format="bfloat16")
     assert e.prediction == precision.loss_scale_model(**e.settings, **e.context)
     measured = e.measure_now()
     assert measured is not None and measured["underflow_fraction"] == e.prediction["underflow_fraction"]

@@ -513,8 +513,7 @@ def test_batching_model_refuses_bad_input(kw, match):
 def test_batching_explorer_follows_its_controls_and_carries_a_static_figure():
     e = serve.batching_explorer(requests=1000)
     assert e.prediction == serve.batching_model(**e.settings, **e.context)
-    e.controls["max_batch"].value = 8
-    e.controls["arrival_rate"].value = 2000.0
+    e.set(max_batch=8, arrival_rate=2000.0)
     assert e.settings["max_batch"] == 8
     assert e.prediction == serve.batching_model(**e.settings, **e.context)
     assert e.prediction["capacity_rps"] == pytest.approx(8 / (2.0 + 0.35 * 8) * 1e3)

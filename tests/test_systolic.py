@@ -291,8 +291,7 @@ def test_systolic_explorer_follows_its_controls_and_carries_a_static_figure():
     e = systolic.systolic_explorer()
     assert e.prediction == systolic.systolic_model(**e.settings, **e.context)
     assert e.prediction["single_fold_square"] and e.prediction["cycles"] == 22
-    e.controls["M"].value = 10
-    e.controls["dataflow"].value = "ws"
+    e.set(M=10, dataflow="ws")
     assert e.prediction == systolic.systolic_model(**e.settings, **e.context)
     assert e.prediction["cycles"] == systolic.cycle_count(10, 8, 8, 8, 8, "ws")
     result = e.measure_now()

@@ -35,7 +35,7 @@ def test_roofline_model_refuses_bad_settings():
 def test_explorer_follows_its_controls_and_carries_a_static_figure():
     e = hardware.roofline_explorer(1e11, 2e10)
     assert e.prediction == hardware.roofline_model(**e.settings, **e.context)
-    e.controls["n"].value = 2048
+    e.set(n=2048)
     assert e.prediction["matmul_intensity"] == pytest.approx(2048 / 6)
     bundle = e._repr_mimebundle_()
     assert {"application/vnd.jupyter.widget-view+json", "image/png", "text/plain"} <= set(bundle)
@@ -43,6 +43,8 @@ def test_explorer_follows_its_controls_and_carries_a_static_figure():
     assert 'data-model="scalelab.hardware:roofline_model"' in e.result.value
     settings = json.loads(e.result.value.split('data-settings="')[1].split('"')[0].replace("&quot;", '"'))
     assert settings["n"] == 2048 and settings["measured"] == [1e11, 2e10]
+    with pytest.raises(KeyError, match="no control"):
+        e.set(nope=1)
 
 
 def test_explorer_redraws_outside_pyplot_from_any_thread():

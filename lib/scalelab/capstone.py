@@ -138,12 +138,17 @@ def build_corpus(folder, max_bytes: int, seq_len: int, val_fraction: float = 0.1
     return Corpus(paths["train"], paths["val"], card)
 
 
-def store_tokens(path) -> np.ndarray:
-    """Every token of a store's windows once (the windows overlap by one token)."""
+def store_rows(path) -> np.ndarray:
+    """Every window of a store (rows of ``seq_len + 1`` tokens), checksums verified."""
     from scalelab import data
 
     with data.Store(path) as store:
-        rows = store.read(0, len(store), ("x",))["x"]
+        return store.read(0, len(store), ("x",))["x"]
+
+
+def store_tokens(path) -> np.ndarray:
+    """Every token of a store's windows once (the windows overlap by one token)."""
+    rows = store_rows(path)
     return np.concatenate([rows[:, :-1].reshape(-1), rows[-1, -1:]])
 
 
@@ -556,20 +561,15 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, shardings: 
     return jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
 
 
-def place(state: Any, rows: np.ndarray, mesh: jax.sharding.Mesh | None) -> tuple[Any, jax.Array, Any]:
-    """``(state, rows, shardings)`` on ``mesh`` (rows split over "data"), or on the first device."""
+def place(state: Any, mesh: jax.sharding.Mesh | None) -> tuple[Any, Any, Any]:
+    """``(state, its shardings, the rows' sharding)`` on ``mesh`` (rows split over "data"), or on
+    the first device (no state shardings)."""
     if mesh is None:
         dev = jax.devices()[0]
-        return jax.device_put(state, dev), jax.device_put(jnp.asarray(rows), dev), None
+        return jax.device_put(state, dev), None, dev
     shardings = state_shardings(state, mesh)
-    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
-    return jax.device_put(state, shardings), jax.device_put(jnp.asarray(rows), data_sharding), shardings
-
-
-def max_abs_diff(a: Any, b: Any) -> float:
-    """Largest absolute difference between two pytrees of arrays of one structure."""
-    return float(max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
-                     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+    return jax.device_put(state, shardings), shardings, rows
 
 
 def sharded_vs_single(cfg: GPTConfig, rows: np.ndarray, devices, steps: int = 3) -> dict[str, Any]:
@@ -578,7 +578,8 @@ def sharded_vs_single(cfg: GPTConfig, rows: np.ndarray, devices, steps: int = 3)
     results = []
     for mesh in (None, make_mesh(devices)):
         state, graphdef, tx = init_train_state(cfg)
-        state, x, shardings = place(state, rows, mesh)
+        state, shardings, rows_sharding = place(state, mesh)
+        x = jax.device_put(jnp.asarray(rows), rows_sharding)
         step = make_train_step(graphdef, tx, shardings)
         losses = []
         for _ in range(steps):
@@ -586,6 +587,8 @@ def sharded_vs_single(cfg: GPTConfig, rows: np.ndarray, devices, steps: int = 3)
             losses.append(float(loss))
         results.append((jax.device_get(state["params"]), losses))
     (p1, l1), (p2, l2) = results
+    from scalelab.parallel.data_parallel import max_abs_diff
+
     return {"mesh": dict(zip(("data", "model"), mesh_shape(len(list(devices))), strict=True)),
             "params_max_abs_diff": max_abs_diff(p1, p2),
             "loss_max_abs_diff": float(np.max(np.abs(np.array(l1) - np.array(l2)))), "losses": l1}
@@ -617,9 +620,7 @@ def train(cfg: GPTConfig, train_path, steps: int, batch: int, devices, lr: float
     mesh = make_mesh(devices) if len(list(devices)) > 1 else None
     state, graphdef, tx = init_train_state(cfg, lr=lr, seed=seed, steps=steps)
     it = batches(train_path, batch, seed=seed)
-    state, _, shardings = place(state, np.asarray(next(batches(train_path, batch, seed=seed))), mesh)
-    data_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
-                     if mesh is not None else jax.devices()[0])
+    state, shardings, data_sharding = place(state, mesh)
     step = make_train_step(graphdef, tx, shardings)
     losses, seconds = [], []
     for i in range(steps):
@@ -688,17 +689,14 @@ def bench_capstone(quick: bool = False, folder=None) -> dict[str, Any]:
         tokens_per_step = p["batch"] * cfg.seq_len
         peak = monitor.device_peak(devices[0], cfg.dtype)
         flops = flops_per_token(cfg)["total"] * tokens_per_step
-        from scalelab import data
-
-        with data.Store(corpus.val) as store:
-            val_rows = store.read(0, len(store), ("x",))["x"]
-        val_loss = evaluate(run["graphdef"], jax.device_get(run["state"]["params"]), val_rows, batch=p["batch"])
+        params = jax.device_get(run["state"]["params"])
+        val_loss = evaluate(run["graphdef"], params, store_rows(corpus.val), batch=p["batch"])
         unigram = unigram_loss(store_tokens(corpus.train), store_tokens(corpus.val))
         rate = pipeline_rate(corpus.train, p["batch"])
         rows = np.asarray(next(batches(corpus.train, 8, seed=1)))[:, : 33]
         small = GPTConfig(d=32, layers=2, heads=4, seq_len=32, dtype="float32")
-        eq = sharded_vs_single(small, rows, devices) if len(devices) > 1 else {"params_max_abs_diff": 0.0}
-        model = nnx.merge(run["graphdef"], nnx.State(jax.device_get(run["state"]["params"])))
+        eq = sharded_vs_single(small, rows, devices) if len(devices) > 1 else {"params_max_abs_diff": None}  # nothing to compare on one device
+        model = nnx.merge(run["graphdef"], nnx.State(params))
         lengths = [n for n in (16, 64, 128, 192) if n + 8 <= cfg.seq_len]
         kv = kv_speedups(model, lengths)
     return {

@@ -144,6 +144,16 @@ class Explorer:
         """The current value of every control, by the model's keyword."""
         return {key: control.value for key, control in self.controls.items()}
 
+    def set(self, **values: Any) -> dict[str, Any]:
+        """Move controls as a learner would (``explorer.set(tau=10, workers=8)``, in that order);
+        returns the prediction at the new setting."""
+        unknown = set(values) - set(self.controls)
+        if unknown:
+            raise KeyError(f"explorer {self.name!r} has no control {sorted(unknown)}; it has {sorted(self.controls)}")
+        for key, value in values.items():
+            self.controls[key].value = value
+        return self.prediction
+
     def shown_items(self) -> dict[str, Any]:
         keys = self.shown or list(self.prediction)
         return {k: self.prediction[k] for k in keys if k in self.prediction}
