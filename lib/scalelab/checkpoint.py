@@ -307,18 +307,13 @@ def _keep_ballast(step_fn):
     return step
 
 
-def crash_during_save(directory: str | os.PathLike, steps: int = 12, every: int = 2, kill_at: int = 6,
-                      ballast_mb: float = 64.0, timeout: float = 180.0) -> dict[str, Any]:
-    """Start a training process, SIGKILL it right after the save of step ``kill_at``
-    starts, then restart it. Returns what was on disk at each stage and whether the
-    resumed run ends bit for bit where an uninterrupted run ends."""
-    if not 0 < kill_at < steps or kill_at % every:
-        raise ValueError(f"kill_at must be a save step (a multiple of every={every}) below steps={steps}")
+def kill_and_restart(cmd: list[str], directory: str | os.PathLike, kill_at: int, env: dict[str, str] | None = None,
+                     timeout: float = 180.0) -> dict[str, Any]:
+    """Start the training process ``cmd`` (it must print ``saving STEP`` as each save starts and
+    resume from its newest checkpoint in ``directory``), SIGKILL it right after the save of step
+    ``kill_at`` starts, then run it again to its end. Returns what was on disk at each stage."""
     directory = Path(directory)
     shutil.rmtree(directory, ignore_errors=True)
-    cmd = [sys.executable, "-m", "scalelab.checkpoint", "--dir", str(directory), "--steps", str(steps),
-           "--every", str(every), "--ballast-mb", str(ballast_mb)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SCALELAB_CPU_DEVICES": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     killed_at, tmp_at_kill, deadline = None, [], time.monotonic() + timeout
     try:
@@ -337,11 +332,28 @@ def crash_during_save(directory: str | os.PathLike, steps: int = 12, every: int 
         raise CheckpointError(f"the training process never reached the save of step {kill_at}")
     complete_after_crash = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     tmp_after_crash = temporary_folders(directory)
-    # restart: the same command, no kill
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)  # the same command, no kill
     if out.returncode != 0:
         raise CheckpointError(f"the restarted training failed:\n{out.stderr[-2000:]}")
-    resumed_from = max(complete_after_crash) if complete_after_crash else 0
+    return {
+        "killed_at_step": killed_at, "tmp_folders_at_kill": tmp_at_kill,
+        "complete_steps_after_crash": complete_after_crash, "tmp_folders_after_crash": tmp_after_crash,
+        "resumed_from_step": max(complete_after_crash) if complete_after_crash else 0,
+        "tmp_folders_after_restart": temporary_folders(directory), "restart_output": out.stdout.split(),
+    }
+
+
+def crash_during_save(directory: str | os.PathLike, steps: int = 12, every: int = 2, kill_at: int = 6,
+                      ballast_mb: float = 64.0, timeout: float = 180.0) -> dict[str, Any]:
+    """Start a training process, SIGKILL it right after the save of step ``kill_at``
+    starts, then restart it. Returns what was on disk at each stage and whether the
+    resumed run ends bit for bit where an uninterrupted run ends."""
+    if not 0 < kill_at < steps or kill_at % every:
+        raise ValueError(f"kill_at must be a save step (a multiple of every={every}) below steps={steps}")
+    cmd = [sys.executable, "-m", "scalelab.checkpoint", "--dir", str(directory), "--steps", str(steps),
+           "--every", str(every), "--ballast-mb", str(ballast_mb)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SCALELAB_CPU_DEVICES": "1"}
+    result = kill_and_restart(cmd, directory, kill_at, env, timeout)
     # the reference: the same training without interruption, in this process
     it, _ = digits_data()
     ref, step_fn = init_state(ModelConfig())
@@ -351,13 +363,7 @@ def crash_during_save(directory: str | os.PathLike, steps: int = 12, every: int 
     target["ballast"] = _ballast(ballast_mb)
     final = restore(mngr, target)
     final.pop("ballast")
-    return {
-        "killed_at_step": killed_at, "tmp_folders_at_kill": tmp_at_kill,
-        "complete_steps_after_crash": complete_after_crash, "tmp_folders_after_crash": tmp_after_crash,
-        "resumed_from_step": resumed_from, "tmp_folders_after_restart": temporary_folders(directory),
-        "final_step": int(final["step"]), "equal_to_uninterrupted": bitwise_equal(final, ref),
-        "restart_output": out.stdout.split(),
-    }
+    return {**result, "final_step": int(final["step"]), "equal_to_uninterrupted": bitwise_equal(final, ref)}
 
 
 # --------------------------------------------------------------------------- architecture + coefficients

@@ -528,10 +528,9 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         import urllib.error
 
-        cmd = [sys.executable, "-m", "scalelab.serve", "--port", str(self.port), "--workers", str(self.workers)]
-        env = {**os.environ, **self.config.to_env(), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+        env = {**os.environ, **self.environment(), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
         self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.command(), env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.timeout
         ready: set[int] = set()  # worker processes that have answered: each starts (and warms up) on its own
         while time.monotonic() < deadline:
@@ -552,6 +551,14 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"the server did not answer /health within {self.timeout} s")
+
+    def command(self) -> list[str]:
+        """The server's command line (a subclass serves something else the same way)."""
+        return [sys.executable, "-m", "scalelab.serve", "--port", str(self.port), "--workers", str(self.workers)]
+
+    def environment(self) -> dict[str, str]:
+        """Variables added to the server's environment (its configuration)."""
+        return self.config.to_env()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -787,7 +794,7 @@ def _collector_paused():
             gc.enable()
 
 
-def _run_async(coro):
+def run_async(coro):
     """``asyncio.run``, also from inside a running event loop (a Jupyter kernel): then in a thread."""
     try:
         asyncio.get_running_loop()
@@ -910,7 +917,7 @@ def load_test(url: str, requests: int = 1000, concurrency: int = 32, rows: int =
     payloads = _payloads(features, requests, rows, bad_fraction, seed)
     with _collector_paused():
         start = time.perf_counter()
-        results = _run_async(_drive(url, payloads, concurrency, timeout, keep=reference is not None))
+        results = run_async(_drive(url, payloads, concurrency, timeout, keep=reference is not None))
         wall = time.perf_counter() - start
     mismatch = max_diff = None
     if reference is not None:  # a batch's rows may round differently from a row alone: compare within atol
@@ -962,7 +969,7 @@ def open_loop(url: str, rate_rps: float, duration_s: float = 3.0, rows: int = 1,
     bodies = [p[0] for p in _payloads(features, len(arrivals), rows, 0.0, seed)]
     with _collector_paused():
         start = time.perf_counter()
-        results = _run_async(_open_loop(url, arrivals, bodies, timeout, connections))
+        results = run_async(_open_loop(url, arrivals, bodies, timeout, connections))
         wall = time.perf_counter() - start
     ok = np.array([r[1] for r in results if r[0] == 200]) * 1e3
     lat = np.array([r[1] if r[0] == 200 else timeout for r in results]) * 1e3  # failures count at the timeout

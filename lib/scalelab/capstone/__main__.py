@@ -1,0 +1,5 @@
+"""``python -m scalelab.capstone``: the crash test's training process."""
+
+from scalelab.capstone.training import worker
+
+worker()
