@@ -16,7 +16,7 @@ STAMP  := $(VENV)/.installed-stamp
 # cells depend on the device count (meshes, shardings, several processes) run with each further one.
 NB_DEVICES ?= 8 1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-NB_MULTI := $(filter notebooks/00_% notebooks/06_% notebooks/07_% notebooks/08_% notebooks/12_%,$(NOTEBOOKS))
+NB_MULTI := $(filter notebooks/00_% notebooks/06_% notebooks/07_% notebooks/08_% notebooks/12_% notebooks/15_%,$(NOTEBOOKS))
 NB_REPEAT ?= $(NB_MULTI)
 NAME ?= abstractions
 
@@ -36,7 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check lib tests tools notebooks nbconvert_config.py
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -n 2 --dist loadgroup
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup --durations=15
 
 # Notebooks run one at a time: several of them start worker processes, Dask clusters or
 # multi-process JAX jobs, and two such notebooks at once on a 2-core machine only contend.
